@@ -1,0 +1,3 @@
+from histossl.cli import main
+
+raise SystemExit(main())
