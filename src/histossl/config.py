@@ -1,0 +1,403 @@
+"""One typed configuration tree: every default lives here.
+
+A study is described by a YAML file whose keys mirror these dataclasses. ``--set a.b=c`` overrides a
+dotted key with a value parsed by the field's type. Unknown keys and wrong types raise a ConfigError
+that names the dotted key and what is allowed. The loaded config is frozen; derived values (paths,
+chain names) are computed by the code that needs them, never written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from histossl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Settings of the procedurally generated tissue set (``histossl data synth``)."""
+
+    classes: list[str] = field(
+        default_factory=lambda: ["tumour", "stroma", "lymphocytes", "adipose", "mucus", "debris", "background"]
+    )
+    n_groups: int = 12  # simulated slides, each with its own stain
+    per_class_per_group: int = 20
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One data set: an image folder (``ROOT/<class>/…`` or ``ROOT/<group>/<class>/…``) or a CSV manifest."""
+
+    path: str = ""
+    synthetic: bool = False  # generate it with ``synth`` settings into <out>/data/<name> instead of reading ``path``
+    skip_unreadable: bool = False  # False: refuse to start and name unreadable files; True: skip and count them
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Train/val/test split of the target data set: stratified by class, whole groups (patients) per split."""
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Random views drawn independently per image (and per view) on the training device."""
+
+    crop: bool = True
+    crop_scale_min: float = 0.4  # random resized crop: area fraction in [crop_scale_min, 1]
+    crop_ratio_max: float = 4 / 3  # aspect ratio in [1/crop_ratio_max, crop_ratio_max]
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True  # tissue has no canonical orientation: 0/90/180/270 at random
+    color_jitter_prob: float = 0.8
+    color_jitter_brightness: float = 0.4
+    color_jitter_contrast: float = 0.4
+    color_jitter_saturation: float = 0.2
+    color_jitter_hue: float = 0.05
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.2
+    blur_sigma_max: float = 1.0  # in pixels of the output view
+    hed_jitter_prob: float = 0.5
+    hed_jitter_sigma: float = 0.05  # multiplicative noise on H and E optical densities (Tellez et al. 2018)
+    hed_jitter_bias: float = 0.05  # additive noise on H and E optical densities
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "resnet18"
+    stem: Literal["standard", "small"] = "standard"  # small: 3x3 stride-1 first conv, no max-pool (small patches)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Method hyperparameters; each method reads the fields it needs."""
+
+    temperature: float = 0.2  # SimCLR NT-Xent temperature
+    projection_dim: int = 128  # SimCLR projection head output
+    projection_hidden_dim: int = 512
+    rotation_head_hidden_dim: int = 0  # RotNet head: 0 = linear on the features
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Settings shared by every pretraining stage."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One pretrained encoder of the study: a method, a start, and the data sets it is trained on in order.
+
+    ``chain: [other, target]`` with ``init: imagenet`` is the seed's imagenet>kidney>breast.
+    """
+
+    method: str = "simclr"
+    init: str = "random"  # random | imagenet | path to a .pth/.pt/.safetensors state dict
+    chain: list[str] = field(default_factory=lambda: ["target"])
+    epochs: int | None = None  # per stage; None: pretrain.epochs
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """The label-scarce task: an MLP (or linear) head on the encoder, per fraction, mode, schedule and seed."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.5])
+    modes: list[Literal["finetune", "frozen"]] = field(default_factory=lambda: ["finetune", "frozen"])
+    lr_schedules: list[Literal["cosine", "constant"]] = field(default_factory=lambda: ["cosine", "constant"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baselines: list[str] = field(default_factory=lambda: ["random"])  # supervised from these inits
+    epochs: int = 10
+    frozen_epochs: int = 100  # a head on cached features: cheap
+    batch_size: int = 64
+    head: Literal["mlp", "linear"] = "mlp"
+    hidden_dim: int = 256
+    dropout: float = 0.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3  # head lr; with a schedule it is the peak
+    constant_lr: float | None = None  # lr of the constant schedule (the seed's 5e-6); None: lr
+    encoder_lr_scale: float = 0.1  # fine-tuning: encoder lr = lr * encoder_lr_scale
+    weight_decay: float = 1e-4
+    class_weighted: bool = False  # inverse-frequency class weights in the loss
+    select_metric: Literal["val_loss", "val_acc", "val_balanced_acc", "val_auroc"] = "val_balanced_acc"
+    views: ViewConfig = field(
+        default_factory=lambda: ViewConfig(
+            crop_scale_min=0.8, color_jitter_prob=0.5, grayscale_prob=0.0, blur_prob=0.0, hed_jitter_prob=0.5
+        )
+    )
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Passed to Lightning: ``accelerator``, ``devices``, ``precision``, ``strategy``, ``num_nodes``."""
+
+    accelerator: str = "auto"
+    devices: str = "auto"
+    precision: str = "32-true"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    num_workers: int = 0  # loader workers only slice the decoded cache; 0 is enough on a CPU
+    channels_last: bool = False
+    compile: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "study"
+    seed: int = 0
+    image_size: int = 64  # every image is decoded once and resized to this square
+    cache_dir: str = ""  # decoded-image cache; "": $HISTOSSL_CACHE_DIR or ~/.cache/histossl
+    target: str = "target"  # the data set of the downstream task, a key of ``datasets``
+    datasets: dict[str, DatasetConfig] = field(default_factory=lambda: {"target": DatasetConfig(synthetic=True)})
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a typed tree from plain data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of name to {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` and build it (dataclasses from mappings)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'config'}: expected {_type_name(tp)}, got {value!r}")
+        known = {f.name: f for f in dataclasses.fields(tp)}
+        kwargs = {}
+        for name, item in value.items():
+            sub = f"{key}.{name}" if key else str(name)
+            if name not in known:
+                raise ConfigError(f"unknown key {sub!r}; allowed: {', '.join(known)}")
+            kwargs[name] = _build(_field_types(tp)[name], item, sub)
+        return tp(**kwargs)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _build(arg, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_build(item_tp, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        _, item_tp = typing.get_args(tp)
+        return {str(k): _build(item_tp, v if v is not None else {}, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # devices: 2, precision: 16 read naturally in YAML
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _field_types(tp: type) -> dict[str, Any]:
+    return typing.get_type_hints(tp)
+
+
+def to_dict(config: Any) -> Any:
+    """Plain data (for YAML/JSON) from a config tree."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars or flow collections: ``3``, ``1e-3``, ``true``, ``[0.05, 0.5]``."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with ``a.b=c`` overrides applied (values parsed as YAML)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. pretrain.epochs=5")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def _merge_defaults(data: Any, default: Any) -> Any:
+    """Fill a partial mapping from the default tree, so nested partial overrides keep sibling defaults."""
+    if isinstance(data, dict) and dataclasses.is_dataclass(default):
+        base = to_dict(default)
+        for name, value in data.items():
+            sub = getattr(default, name, None)
+            base[name] = _merge_defaults(value, sub) if sub is not None else value
+        return base
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from plain data (a parsed YAML file)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    config = _build(Config, _merge_defaults(data, Config()), "")
+    validate(config)
+    return config
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (safe loader), apply ``--set`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def save(config: Config, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    from histossl.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def validate(config: Config) -> None:
+    """Range checks the types cannot express. Each error names the dotted key."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(config.image_size >= 8, "image_size", f"must be at least 8, got {config.image_size}")
+    need(config.target in config.datasets, "target", f"{config.target!r} is not a key of datasets ({', '.join(config.datasets)})")
+    for name, ds in config.datasets.items():
+        need(ds.synthetic or bool(ds.path), f"datasets.{name}.path", "give a path, or synthetic: true")
+    s = config.split
+    need(0 <= s.val_fraction < 1, "split.val_fraction", f"must be in [0, 1), got {s.val_fraction}")
+    need(0 < s.test_fraction < 1, "split.test_fraction", f"must be in (0, 1), got {s.test_fraction}")
+    need(s.val_fraction + s.test_fraction < 1, "split", "val_fraction + test_fraction must leave a train split")
+    need(config.pretrain.epochs >= 1, "pretrain.epochs", f"must be at least 1, got {config.pretrain.epochs}")
+    need(config.pretrain.batch_size >= 2, "pretrain.batch_size", f"must be at least 2, got {config.pretrain.batch_size}")
+    need(config.pretrain.optim.lr > 0, "pretrain.optim.lr", "must be positive")
+    need(0 < config.pretrain.views.crop_scale_min <= 1, "pretrain.views.crop_scale_min", "must be in (0, 1]")
+    need(config.pretrain.method.temperature > 0, "pretrain.method.temperature", "must be positive")
+    for name, enc in config.encoders.items():
+        key = f"encoders.{name}"
+        need(len(enc.chain) >= 1, f"{key}.chain", "name at least one data set")
+        for ds in enc.chain:
+            need(ds in config.datasets, f"{key}.chain", f"{ds!r} is not a key of datasets ({', '.join(config.datasets)})")
+        need(enc.epochs is None or enc.epochs >= 1, f"{key}.epochs", f"must be at least 1, got {enc.epochs}")
+        need(name != "supervised" and not name.startswith("supervised"), key, "names starting with 'supervised' are the baselines'")
+    d = config.downstream
+    need(len(d.fractions) >= 1, "downstream.fractions", "give at least one fraction")
+    for f in d.fractions:
+        need(0 < f <= 1, "downstream.fractions", f"each fraction must be in (0, 1], got {f}")
+    need(len(set(d.fractions)) == len(d.fractions), "downstream.fractions", "fractions repeat")
+    need(d.epochs >= 1, "downstream.epochs", f"must be at least 1, got {d.epochs}")
+    need(d.frozen_epochs >= 1, "downstream.frozen_epochs", f"must be at least 1, got {d.frozen_epochs}")
+    need(d.batch_size >= 1, "downstream.batch_size", f"must be at least 1, got {d.batch_size}")
+    need(d.lr > 0, "downstream.lr", "must be positive")
+    need(d.constant_lr is None or d.constant_lr > 0, "downstream.constant_lr", "must be positive")
+    need(len(d.seeds) >= 1 and len(set(d.seeds)) == len(d.seeds), "downstream.seeds", "give distinct seeds")
+    for b in d.baselines:
+        need(b in ("random", "imagenet") or Path(b).suffix in (".pth", ".pt", ".safetensors"),
+             "downstream.baselines", f"{b!r}: expected random, imagenet or a weights file")
+    need(config.trainer.num_workers >= 0, "trainer.num_workers", "must be >= 0")
