@@ -1,0 +1,496 @@
+"""Batched augmentation on the training device, with independent random parameters per image.
+
+Images arrive from the decoded uint8 cache as whole batches. Every op here works on a float batch
+``(B, 3, H, W)`` in ``[0, 1]`` with tensor ops only: parameters are drawn per sample as ``(B, ...)``
+tensors, probability gates are masks (or identity parameters), and there is no Python loop over the
+batch and no host sync (no ``.item()``, no branching on tensor values), so the same code runs on a CPU
+or a GPU. The only Python branches look at Python numbers from the config: an op that is switched off
+(probability 0, strength 0, ``False``) is skipped and costs nothing.
+
+torchvision's v2 transforms draw one parameter set per call (one crop, one jitter for the whole batch);
+SimCLR needs two independent views per image and RotNet+Jitter a different jitter per rotated copy,
+so the per-sample parameter logic is written here and the pixel work is done by batched primitives
+(``affine_grid``/``grid_sample``, batched 3x3 colour matrices, grouped convolution).
+
+Every random draw goes through ``generator`` when one is given (a ``torch.Generator`` on the batch's
+device), so a view is reproducible from a seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from histossl.config import ViewConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ITU-R BT.601 luma, the weights of torchvision's rgb_to_grayscale (used by its saturation/contrast too).
+_LUMA = (0.299, 0.587, 0.114)
+
+# RGB -> YIQ (NTSC). A hue shift is a rotation of the (I, Q) chroma plane, a 3x3 matrix per sample,
+# which replaces torchvision's HSV round trip (not batched over per-sample factors).
+_RGB_TO_YIQ = (
+    (0.299, 0.587, 0.114),
+    (0.596, -0.274, -0.322),
+    (0.211, -0.523, 0.312),
+)
+
+# Stain optical-density vectors of haematoxylin, eosin and DAB (rows), in RGB: scikit-image's
+# ``rgb_from_hed`` (Ruifrok & Johnston 2001, "Quantification of histochemical staining by colour
+# deconvolution"). Row-vector convention: OD_rgb = C_hed @ RGB_FROM_HED.
+_RGB_FROM_HED = (
+    (0.65, 0.70, 0.29),
+    (0.07, 0.99, 0.11),
+    (0.27, 0.57, 0.78),
+)
+# Floor on intensities before the log, as in scikit-image's separate_stains.
+_OD_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+
+
+def to_float(batch: Tensor) -> Tensor:
+    """Cache batch to network layout.
+
+    Args:
+        batch: uint8 ``(B, H, W, 3)``.
+
+    Returns:
+        float32 ``(B, 3, H, W)`` in ``[0, 1]``, contiguous, on the same device.
+    """
+    return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def normalize(x: Tensor) -> Tensor:
+    """ImageNet mean/std normalisation of a float ``(B, 3, H, W)`` batch in ``[0, 1]``."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _constant(values: tuple, x: Tensor) -> Tensor:
+    return torch.tensor(values, device=x.device, dtype=x.dtype)
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U(low, high) of ``shape`` on ``x``'s device, drawn through ``generator``."""
+    return torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) * (high - low) + low
+
+
+def _bernoulli(batch: int, p: float, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Boolean ``(batch,)`` gate, True with probability ``p`` per sample."""
+    return torch.rand((batch,), generator=generator, device=x.device) < p
+
+
+def _apply_colour_matrix(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
+    """``y[b, c] = sum_d matrix[b, c, d] * x[b, d] (+ offset[b, c])`` per pixel.
+
+    Args:
+        x: ``(B, 3, H, W)``.
+        matrix: ``(B, 3, 3)``.
+        offset: optional ``(B, 3)``.
+    """
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    y = torch.bmm(matrix, flat) if offset is None else torch.baddbmm(offset.unsqueeze(-1), matrix, flat)
+    return y.view(b, c, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+
+
+def rotate90(x: Tensor, k: Tensor) -> Tensor:
+    """Rotate each image by ``k[i] * 90`` degrees counter-clockwise (as ``torch.rot90(x[i], k[i], (-2, -1))``).
+
+    Exact (a pixel permutation). Square images only, so that all rotations share one shape.
+
+    Args:
+        x: ``(B, C, H, W)`` with ``H == W``.
+        k: int64 ``(B,)``; any integer, taken modulo 4.
+
+    Returns:
+        ``(B, C, H, W)``.
+    """
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotate90 needs square images, got {tuple(x.shape[-2:])}")
+    k = (k % 4).view(-1, 1, 1, 1)
+    out = x
+    for turns in (1, 2, 3):  # three masked selects, no loop over the batch
+        out = torch.where(k == turns, torch.rot90(x, turns, dims=(-2, -1)), out)
+    return out
+
+
+def _random_flips(x: Tensor, hflip: bool, vflip: bool, generator: torch.Generator | None) -> Tensor:
+    """Exact horizontal/vertical flips, each with probability 0.5 per sample."""
+    b = x.shape[0]
+    if hflip:
+        x = torch.where(_bernoulli(b, 0.5, x, generator).view(-1, 1, 1, 1), x.flip(-1), x)
+    if vflip:
+        x = torch.where(_bernoulli(b, 0.5, x, generator).view(-1, 1, 1, 1), x.flip(-2), x)
+    return x
+
+
+def _crop_boxes(
+    x: Tensor, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator | None
+) -> Tensor:
+    """Per-sample crop boxes with torchvision's RandomResizedCrop distribution.
+
+    torchvision tries up to 10 (area, log-aspect) draws and keeps the first that fits, falling back to a
+    centre crop clipped to the ratio range. Here all 10 tries are drawn at once as ``(B, 10)`` and the
+    first valid one is selected with ``argmax`` (no sync). Boxes are continuous (sub-pixel), which the
+    bilinear sampler handles.
+
+    Returns:
+        ``(B, 4)`` boxes ``(x0, y0, w, h)`` in input pixels (edges, not centres).
+    """
+    b, _, height, width = x.shape
+    tries = 10
+    area = _uniform((b, tries), scale[0], scale[1], x, generator) * (height * width)
+    log_ratio = _uniform((b, tries), math.log(ratio[0]), math.log(ratio[1]), x, generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.sqrt(area * aspect)
+    h = torch.sqrt(area / aspect)
+    valid = (w <= width) & (h <= height)
+    first = valid.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback (no try fits): the whole image, clipped to the ratio range (torchvision's centre crop).
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = float(width), width / min(ratio)
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = height * max(ratio), float(height)
+    else:
+        fallback_w, fallback_h = float(width), float(height)
+    found = valid.any(dim=1)
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    # Position uniform over where the box fits; the fallback is centred as in torchvision.
+    u = torch.rand((b, 2), generator=generator, device=x.device, dtype=x.dtype)
+    u = torch.where(found.unsqueeze(1), u, torch.full_like(u, 0.5))
+    x0 = u[:, 0] * (width - w)
+    y0 = u[:, 1] * (height - h)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def _dihedral(x: Tensor, hflip: bool, vflip: bool, rot90: bool, generator: torch.Generator | None) -> Tensor:
+    """Per-sample 2x2 matrices on normalised output coordinates for flips then rot90, ``(B, 2, 2)``.
+
+    With a flip probability of 0.5 each and a uniform quarter turn, the 8 symmetries of the square come
+    out equally likely (tissue has no canonical orientation).
+    """
+    b = x.shape[0]
+    m = torch.eye(2, device=x.device, dtype=x.dtype).expand(b, 2, 2)
+    if hflip or vflip:
+        sx = torch.ones(b, device=x.device, dtype=x.dtype)
+        sy = torch.ones(b, device=x.device, dtype=x.dtype)
+        if hflip:
+            sx = torch.where(_bernoulli(b, 0.5, x, generator), -sx, sx)
+        if vflip:
+            sy = torch.where(_bernoulli(b, 0.5, x, generator), -sy, sy)
+        m = torch.diag_embed(torch.stack([sx, sy], dim=1))
+    if rot90:
+        # Counter-clockwise quarter turn k as torch.rot90: output (u, v) samples its input at R^k (u, v)
+        # with R = [[0, -1], [1, 0]] (u along the width, v along the height, both in [-1, 1]).
+        k = torch.randint(0, 4, (b,), generator=generator, device=x.device)
+        angle = k.to(x.dtype) * (math.pi / 2)
+        cos, sin = torch.cos(angle).round(), torch.sin(angle).round()
+        rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        m = m @ rot  # the flip acts on the rotated coordinates: output = rot90(flip(crop))
+    return m
+
+
+def _sample_boxes(x: Tensor, boxes: Tensor, size: int, linear: Tensor | None = None) -> Tensor:
+    """Bilinear resample of per-sample boxes to ``size x size`` in one ``grid_sample``.
+
+    With a full-image box this is exactly ``F.interpolate(..., mode="bilinear", align_corners=False)``
+    (half-pixel centres, border clamping), without antialiasing.
+
+    Args:
+        x: ``(B, C, H, W)``.
+        boxes: ``(B, 4)`` as ``(x0, y0, w, h)`` in input pixels.
+        size: output side.
+        linear: optional ``(B, 2, 2)`` applied to output coordinates first (flips, quarter turns).
+    """
+    b, c, height, width = x.shape
+    x0, y0, w, h = boxes.unbind(1)
+    # Box in the normalised [-1, 1] coordinates of grid_sample (align_corners=False: -1 is the image edge).
+    centre = torch.stack([(2 * x0 + w) / width - 1, (2 * y0 + h) / height - 1], dim=1)
+    half = torch.diag_embed(torch.stack([w / width, h / height], dim=1))
+    matrix = half if linear is None else half @ linear
+    theta = torch.cat([matrix, centre.unsqueeze(-1)], dim=2)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(
+    x: Tensor,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random resized crop with an independent box per sample (torchvision's box distribution).
+
+    Args:
+        x: float ``(B, C, H, W)``.
+        size: output side.
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio ``w / h`` (sampled log-uniformly).
+        generator: source of randomness on ``x``'s device.
+
+    Returns:
+        ``(B, C, size, size)``, bilinear, one ``grid_sample`` for the whole batch.
+    """
+    return _sample_boxes(x, _crop_boxes(x, scale, ratio, generator), size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Colour
+
+
+def color_jitter(
+    x: Tensor,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    p: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Colour jitter with independent factors per sample, applied with probability ``p`` per sample.
+
+    Factors follow torchvision's ColorJitter: brightness, contrast and saturation in
+    ``[max(0, 1 - s), 1 + s]``, hue in ``[-hue, hue]`` (a fraction of a full turn). Deviations, for one
+    batched pass per op: the order is fixed (brightness, contrast, saturation, hue) instead of a random
+    permutation; the hue shift is a rotation of the YIQ chroma plane instead of an HSV round trip; and
+    saturation and hue share one 3x3 matrix, so the clamp between them is skipped. Samples that are not
+    jittered get identity factors, which leave them bit-exact.
+
+    Args:
+        x: float ``(B, 3, H, W)`` in ``[0, 1]``.
+        brightness: strength of the brightness factor.
+        contrast: strength of the contrast factor.
+        saturation: strength of the saturation factor.
+        hue: largest hue shift, in ``[0, 0.5]``.
+        p: probability that a sample is jittered.
+        generator: source of randomness on ``x``'s device.
+
+    Returns:
+        float ``(B, 3, H, W)`` in ``[0, 1]``.
+    """
+    if p <= 0 or not (brightness or contrast or saturation or hue):
+        return x
+    b = x.shape[0]
+    apply = _bernoulli(b, p, x, generator)
+
+    def factor(strength: float) -> Tensor:
+        f = _uniform((b,), max(0.0, 1 - strength), 1 + strength, x, generator)
+        return torch.where(apply, f, torch.ones_like(f))
+
+    luma = _constant(_LUMA, x)
+    if brightness:
+        x = (x * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
+    if contrast:
+        # Blend towards the mean grey level of each image (torchvision's adjust_contrast).
+        c = factor(contrast).view(-1, 1, 1, 1)
+        mean = torch.einsum("bchw,c->b", x, luma).view(-1, 1, 1, 1) / (x.shape[-1] * x.shape[-2])
+        x = (c * x + (1 - c) * mean).clamp_(0, 1)
+    if saturation or hue:
+        eye = torch.eye(3, device=x.device, dtype=x.dtype)
+        matrix = eye.expand(b, 3, 3)
+        if saturation:
+            # Blend towards the per-pixel grey: s * I + (1 - s) * 1 luma^T.
+            s = factor(saturation).view(-1, 1, 1)
+            matrix = s * eye + (1 - s) * luma.view(1, 1, 3).expand(b, 3, 3)
+        if hue:
+            theta = _uniform((b,), -hue, hue, x, generator) * (2 * math.pi)
+            theta = torch.where(apply, theta, torch.zeros_like(theta))
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            zero, one = torch.zeros_like(cos), torch.ones_like(cos)
+            # Rotation of the (I, Q) plane minus the identity, so that theta = 0 gives exactly I below.
+            rot_minus_eye = torch.stack(
+                [
+                    torch.stack([zero, zero, zero], -1),
+                    torch.stack([zero, cos - one, -sin], -1),
+                    torch.stack([zero, sin, cos - one], -1),
+                ],
+                -2,
+            )
+            to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
+            to_yiq, from_yiq = to_yiq.to(x), torch.linalg.inv(to_yiq).to(x)  # constant, computed on the host
+            matrix = (eye + from_yiq @ rot_minus_eye @ to_yiq) @ matrix
+        x = _apply_colour_matrix(x, matrix).clamp_(0, 1)
+    return x
+
+
+def random_grayscale(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each sample by its luma (in all 3 channels) with probability ``p``.
+
+    Args:
+        x: float ``(B, 3, H, W)``.
+        p: probability per sample.
+        generator: source of randomness on ``x``'s device.
+    """
+    if p <= 0:
+        return x
+    apply = _bernoulli(x.shape[0], p, x, generator).view(-1, 1, 1, 1)
+    grey = torch.einsum("bchw,c->bhw", x, _constant(_LUMA, x)).unsqueeze(1)
+    return torch.where(apply, grey.expand_as(x), x)
+
+
+def gaussian_blur(x: Tensor, sigma_max: float, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian blur with probability ``p`` and a per-sample sigma in ``[0.1, sigma_max]`` pixels.
+
+    SimCLR (Chen et al. 2020, arXiv 2002.05709) draws sigma in [0.1, 2.0]; the kernel radius here is
+    ``ceil(3 * sigma_max)`` for every sample (one shape for the batch). Separable: a horizontal and a
+    vertical grouped convolution with one kernel per (sample, channel), on a reflect-padded image as
+    torchvision's gaussian_blur. Samples that are not blurred get a unit impulse (bit-exact identity).
+
+    Args:
+        x: float ``(B, C, H, W)``.
+        sigma_max: largest standard deviation in pixels (at least 0.1).
+        p: probability per sample.
+        generator: source of randomness on ``x``'s device.
+    """
+    if p <= 0 or sigma_max <= 0:
+        return x
+    b, c, h, w = x.shape
+    sigma_max = max(sigma_max, 0.1)
+    radius = min(math.ceil(3 * sigma_max), h - 1, w - 1)  # reflect padding needs radius < side
+    apply = _bernoulli(b, p, x, generator)
+    sigma = _uniform((b,), 0.1, sigma_max, x, generator)
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    impulse = (taps == 0).to(x.dtype).expand_as(kernel)
+    kernel = torch.where(apply.view(-1, 1), kernel, impulse)  # (B, K)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (B * C, K): one kernel per (sample, channel) group
+    y = F.pad(x, (radius, radius, radius, radius), mode="reflect").view(1, b * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, kernel.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, kernel.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Stain augmentation in HED space, with probability ``p`` and independent noise per sample.
+
+    Tellez et al. 2018, "Quantifying the effects of data augmentation and stain color normalization in
+    convolutional neural networks for computational pathology" (arXiv 1808.05896): RGB -> optical
+    density ``-ln(rgb)`` -> haematoxylin/eosin/DAB concentrations by colour deconvolution (Ruifrok &
+    Johnston 2001, the inverse of scikit-image's ``rgb_from_hed``); H and E become ``c * alpha + beta``
+    with ``alpha ~ U(1 - sigma, 1 + sigma)`` and ``beta ~ U(-bias, bias)``; DAB is left alone; back to
+    RGB, clamped to ``[0, 1]``. Concentrations are in natural-log optical-density units; scikit-image >=
+    0.19 divides them by ``ln(1e6)``, so its ``bias`` equals about ``13.8 * bias`` here.
+
+    Deconvolution, jitter and reconvolution are linear in optical density, so they fold into one 3x3
+    matrix and offset per sample: one log, one batched matrix product, one exp.
+
+    Args:
+        x: float ``(B, 3, H, W)`` RGB in ``[0, 1]``.
+        sigma: multiplicative noise on H and E.
+        bias: additive noise on H and E (optical density).
+        p: probability per sample.
+        generator: source of randomness on ``x``'s device.
+    """
+    if p <= 0 or (sigma <= 0 and bias <= 0):
+        return x
+    b = x.shape[0]
+    apply = _bernoulli(b, p, x, generator)
+    alpha = _uniform((b, 2), 1 - sigma, 1 + sigma, x, generator)
+    beta = _uniform((b, 2), -bias, bias, x, generator)
+    zero = torch.zeros((b, 1), device=x.device, dtype=x.dtype)
+    alpha_minus_one = torch.cat([alpha - 1, zero], dim=1)  # DAB keeps factor 1
+    beta = torch.cat([beta, zero], dim=1)
+
+    rgb_from_hed64 = torch.tensor(_RGB_FROM_HED, dtype=torch.float64)
+    rgb_from_hed, hed_from_rgb = rgb_from_hed64.to(x), torch.linalg.inv(rgb_from_hed64).to(x)
+    # Row vectors: OD' = (OD @ hed_from_rgb) diag(alpha) @ rgb_from_hed + beta @ rgb_from_hed
+    #                  = OD @ (I + hed_from_rgb diag(alpha - 1) rgb_from_hed) + beta @ rgb_from_hed.
+    # Writing the matrix as I + ... keeps alpha = 1 exactly the identity. Transposed for column pixels.
+    row_matrix = torch.eye(3, device=x.device, dtype=x.dtype) + hed_from_rgb @ (
+        alpha_minus_one.unsqueeze(-1) * rgb_from_hed
+    )
+    offset = beta @ rgb_from_hed  # (B, 3)
+    density = -torch.log(x.clamp(min=_OD_EPS))
+    jittered = torch.exp(-_apply_colour_matrix(density, row_matrix.transpose(1, 2), offset)).clamp_(0, 1)
+    return torch.where(apply.view(-1, 1, 1, 1), jittered, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole view
+
+
+def random_view(x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """One random view per image, every parameter drawn independently per sample.
+
+    Order: random resized crop with flips and quarter turns folded into the same sampling grid (one
+    bilinear resample), then HED stain jitter, colour jitter, grayscale and blur. The stain jitter comes
+    before the colour jitter because colour deconvolution assumes the real stain colours of the slide,
+    which a hue shift would no longer have. With ``cfg.crop`` off the image is resized to ``size`` (only
+    if needed) and flipped/rotated exactly.
+
+    Args:
+        x: float ``(B, 3, H, W)`` in ``[0, 1]``.
+        cfg: which ops are on and their strengths; a probability of 0 or ``False`` skips the op.
+        size: output side.
+        generator: source of randomness on ``x``'s device.
+
+    Returns:
+        float ``(B, 3, size, size)`` in ``[0, 1]``, not normalised.
+    """
+    if cfg.crop:
+        boxes = _crop_boxes(x, (cfg.crop_scale_min, 1.0), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max), generator)
+        x = _sample_boxes(x, boxes, size, _dihedral(x, cfg.hflip, cfg.vflip, cfg.rot90, generator))
+    else:
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = _random_flips(x, cfg.hflip, cfg.vflip, generator)
+        if cfg.rot90:
+            x = rotate90(x, torch.randint(0, 4, (x.shape[0],), generator=generator, device=x.device))
+    x = hed_jitter(x, cfg.hed_jitter_sigma, cfg.hed_jitter_bias, cfg.hed_jitter_prob, generator)
+    x = color_jitter(
+        x,
+        cfg.color_jitter_brightness,
+        cfg.color_jitter_contrast,
+        cfg.color_jitter_saturation,
+        cfg.color_jitter_hue,
+        cfg.color_jitter_prob,
+        generator,
+    )
+    x = random_grayscale(x, cfg.grayscale_prob, generator)
+    return gaussian_blur(x, cfg.blur_sigma_max, cfg.blur_prob, generator)
+
+
+def _time_views(batch: int = 128, sizes: tuple[int, ...] = (64, 224), repeats: int = 20) -> None:
+    """Print milliseconds per ``random_view`` of a uint8 batch (run by hand: ``python -m histossl.augment``)."""
+    import time
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = ViewConfig()
+    for size in sizes:
+        images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        for _ in range(3):  # warm-up
+            random_view(to_float(images), cfg, size, generator)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            random_view(to_float(images), cfg, size, generator)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) / repeats * 1e3
+        print(f"random_view B={batch} {size}px on {device} ({torch.get_num_threads()} threads): {ms:.1f} ms")
+
+
+if __name__ == "__main__":
+    _time_views()

@@ -1,0 +1,76 @@
+"""RotNet: predict by how much an image was rotated (0, 90, 180 or 270 degrees).
+
+Gidaris, Singh & Komodakis 2018, "Unsupervised Representation Learning by Predicting Image
+Rotations", arXiv 1803.07728. Every image of the batch is shown at all four rotations (the paper
+found that better than one random rotation per image) and a 4-way head predicts the rotation.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from histossl import augment
+from histossl.config import PretrainConfig, ViewConfig
+from histossl.methods import METHODS, PretextOutput
+
+
+def rotation_view_config(views: ViewConfig, keep_colour: bool) -> ViewConfig:
+    """The base view of a rotation task: a vertical flip or a 90-degree turn would change the label."""
+    colour_off = {} if keep_colour else {"color_jitter_prob": 0.0, "hed_jitter_prob": 0.0, "grayscale_prob": 0.0}
+    return dataclasses.replace(views, vflip=False, rot90=False, **colour_off)
+
+
+def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) -> the 4B rotated copies (rotation-major) and their labels 0..3."""
+    batch = x.shape[0]
+    labels = torch.arange(4, device=x.device).repeat_interleave(batch)
+    return augment.rotate90(x.repeat(4, 1, 1, 1), labels), labels
+
+
+@METHODS.register("rotnet")
+class RotNet(nn.Module):
+    chance = 0.25
+    jitter_each_copy = False
+
+    def __init__(self, num_features: int, cfg: PretrainConfig, image_size: int) -> None:
+        super().__init__()
+        hidden = cfg.method.rotation_head_hidden_dim
+        self.head = (
+            nn.Linear(num_features, 4)
+            if hidden == 0
+            else nn.Sequential(nn.Linear(num_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 4))
+        )
+        self.image_size = image_size
+        self.full_views = cfg.views
+        self.base_views = rotation_view_config(cfg.views, keep_colour=False)
+
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, H, W, 3) -> normalised rotated copies (4B, 3, S, S) and rotation labels (4B,)."""
+        x = augment.random_view(augment.to_float(images), self.base_views, self.image_size)
+        x, labels = rotations(x)
+        if self.jitter_each_copy:
+            x = colour_jitter(x, self.full_views)
+        return augment.normalize(x), labels
+
+    def step(self, encoder: nn.Module, images: torch.Tensor) -> PretextOutput:
+        x, labels = self.views(images)
+        logits = self.head(encoder(x))
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.detach().argmax(1) == labels).float().mean()
+        return PretextOutput(loss, accuracy)
+
+
+def colour_jitter(x: torch.Tensor, views: ViewConfig) -> torch.Tensor:
+    """Colour, stain and grey-level jitter drawn independently for every image of ``x``."""
+    x = augment.color_jitter(
+        x,
+        views.color_jitter_brightness,
+        views.color_jitter_contrast,
+        views.color_jitter_saturation,
+        views.color_jitter_hue,
+        views.color_jitter_prob,
+    )
+    x = augment.hed_jitter(x, views.hed_jitter_sigma, views.hed_jitter_bias, views.hed_jitter_prob)
+    return augment.random_grayscale(x, views.grayscale_prob)

@@ -1,0 +1,13 @@
+"""RotNet+Jitter: RotNet with an independent colour and stain jitter for each rotated copy.
+
+The seed report's variant. Since the four copies of an image differ in colour, the head cannot match
+them by colour and has to look at structure; colour jitter settings come from ``pretrain.views``.
+"""
+
+from histossl.methods import METHODS
+from histossl.methods.rotnet import RotNet
+
+
+@METHODS.register("rotnet_jitter")
+class RotNetJitter(RotNet):
+    jitter_each_copy = True

@@ -1,0 +1,155 @@
+"""The report's figures as PNG bytes, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+Using ``Figure`` + ``FigureCanvasAgg`` directly instead of ``pyplot`` leaves the caller's
+matplotlib backend alone and never leaks open figures.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from histossl.report.records import Stage
+from histossl.report.tables import Aggregate, format_fraction, summarize
+
+DPI = 100
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    # No "Software" entry: the same data gives the same bytes whatever matplotlib version drew it.
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _finite(xs: list[Any], ys: list[Any]) -> tuple[list[float], list[float]]:
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and math.isfinite(y)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def pretext_figure(stage: Stage) -> bytes:
+    """Pretext loss and (where the task has one) accuracy per epoch, with the chance level."""
+    has_acc = any(a is not None for a in stage.pretext_acc)
+    fig = Figure(figsize=(8 if has_acc else 4.5, 3.2), layout="constrained")
+    axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
+    x, y = _finite(stage.epochs, stage.pretext_loss)
+    axes[0].plot(x, y, marker="o", markersize=3, color="tab:blue")
+    axes[0].set(title="pretext loss", xlabel="epoch", ylabel="loss")
+    if has_acc:
+        x, y = _finite(stage.epochs, stage.pretext_acc)
+        axes[1].plot(x, [100 * v for v in y], marker="o", markersize=3, color="tab:blue", label="pretext accuracy")
+        if stage.chance is not None:
+            axes[1].axhline(100 * stage.chance, color="grey", linestyle="--", label=f"chance ({100 * stage.chance:.2f}%)")
+        axes[1].set(title="pretext accuracy", xlabel="epoch", ylabel="accuracy (%)")
+        axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    method = stage.info.get("method", "")
+    chain = stage.info.get("chain", "")
+    fig.suptitle(f"{stage.name}  ({method}, {chain})", fontsize=10)
+    return _png(fig)
+
+
+def downstream_figure(title: str, curves: list[tuple[str, dict[str, list[float | None]]]]) -> bytes:
+    """Train (solid) and validation (dashed) loss and accuracy per epoch; one colour per curve label."""
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for index, (label, columns) in enumerate(curves):
+        color = f"C{index % 10}"
+        epochs = columns.get("epoch", [])
+        for split, style in (("train", "-"), ("val", "--")):
+            x, y = _finite(epochs, columns.get(f"{split}_loss", []))
+            ax_loss.plot(x, y, style, color=color, label=f"{label} {split}")
+            x, y = _finite(epochs, columns.get(f"{split}_acc", []))
+            ax_acc.plot(x, [100 * v for v in y], style, color=color, label=f"{label} {split}")
+    ax_loss.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=7, ncol=2, title="labels, split (train solid, val dashed)", title_fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def accuracy_vs_fraction_figure(agg: Aggregate, schedule: str) -> bytes:
+    """Test accuracy and balanced accuracy against label fraction; a line per encoder, a column per mode.
+
+    Error bars are the sample std over seeds. Dotted grey: the majority-class accuracy (left row) and
+    chance 1/classes (right row), the levels a collapsed run sits at.
+    """
+    modes = [m for m in agg.modes if (m, schedule) in agg.tables()]
+    metrics = (("test_acc", "test accuracy (%)"), ("test_balanced_acc", "balanced accuracy (%)"))
+    fig = Figure(figsize=(4.6 * len(modes), 6.4), layout="constrained")
+    grid = fig.subplots(2, len(modes), squeeze=False)
+    for col, mode in enumerate(modes):
+        encoders = agg.columns(mode, schedule)
+        for row, (field, ylabel) in enumerate(metrics):
+            ax = grid[row][col]
+            for index, encoder in enumerate(encoders):
+                xs, ys, errs = [], [], []
+                for fraction in agg.fractions:
+                    stat = summarize(r.get(field) for r in agg.runs(mode, schedule, fraction, encoder))
+                    if stat is not None:
+                        xs.append(100 * fraction)
+                        ys.append(100 * stat.mean)
+                        errs.append(100 * (stat.std or 0.0))
+                if not xs:
+                    continue
+                end_to_end = agg.end_to_end(mode, encoder)
+                ax.errorbar(
+                    xs, ys, yerr=errs, marker="o", markersize=4, capsize=3, color=f"C{index % 10}",
+                    linestyle=":" if end_to_end else "-",
+                    label=encoder + (" (end to end)" if end_to_end else ""),
+                )
+            reference = _reference_level(agg, mode, schedule, field)
+            if reference is not None:
+                name = "majority class" if field == "test_acc" else "chance"
+                ax.axhline(100 * reference, color="grey", linestyle=":", linewidth=1, label=name)
+            ax.set_xscale("log")
+            ticks = [100 * f for f in agg.fractions]
+            ax.set_xticks(ticks, [format_fraction(f) for f in agg.fractions])
+            ax.minorticks_off()
+            ax.set(xlabel="labelled fraction of the training set", ylabel=ylabel)
+            ax.set_title(f"{mode}, {schedule} lr", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("Test accuracy against label fraction (mean ± std over seeds)", fontsize=11)
+    return _png(fig)
+
+
+def _reference_level(agg: Aggregate, mode: str, schedule: str, field: str) -> float | None:
+    runs = [r for k, rs in agg.cells.items() if k[0] == mode and k[1] == schedule for r in rs]
+    if field == "test_acc":
+        stat = summarize(r.get("test_majority_acc") for r in runs)
+        return stat.mean if stat else None
+    sizes = {len(r["classes"]) for r in runs if isinstance(r.get("classes"), list) and r["classes"]}
+    return 1.0 / sizes.pop() if len(sizes) == 1 else None
+
+
+def confusion_figure(record: dict[str, Any], title: str) -> bytes:
+    """Counts of the confusion matrix (rows: true class, columns: predicted), coloured by row share."""
+    matrix = [[float(v) for v in row] for row in record["confusion_matrix"]]
+    n = len(matrix)
+    classes = [str(c) for c in (record.get("classes") or [])]
+    if len(classes) != n:
+        classes = [str(i) for i in range(n)]
+    shares = [[v / (sum(row) or 1.0) for v in row] for row in matrix]
+    size = max(3.6, 0.6 * n + 2.2)
+    fig = Figure(figsize=(size + 0.8, size), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{matrix[i][j]:g}", ha="center", va="center", fontsize=9,
+                    color="white" if shares[i][j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45 if max(map(len, classes)) > 4 else 0, ha="right" if max(map(len, classes)) > 4 else "center")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(title, fontsize=9)
+    return _png(fig)

@@ -1,0 +1,131 @@
+"""Checks that catch the two mistakes of the hand-made report histossl replaces, and one more.
+
+1. A collapsed downstream run (the seed report's frozen 38.56% run): test accuracy below what
+   always predicting the majority class gets, balanced accuracy at chance, or a non-finite loss.
+2. A pretext task whose accuracy never left chance: the encoder learnt nothing from it.
+3. Two different runs with the same (test loss, test accuracy) to the shown precision: a hint of a
+   copied result (the seed report's other mistake) or of a run that did not use its settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from histossl.report.records import Stage
+
+# Balanced accuracy this close to 1/classes counts as chance.
+BALANCED_CHANCE_MARGIN = 0.01
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A warning for the reader. ``runs`` are downstream run folders; ``stage`` a pretraining stage."""
+
+    kind: str  # "collapsed" | "pretext_chance" | "identical"
+    message: str
+    runs: tuple[str, ...] = ()
+    stage: str | None = None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def number_of_classes(record: dict[str, Any]) -> int | None:
+    classes = record.get("classes")
+    if isinstance(classes, list) and classes:
+        return len(classes)
+    matrix = record.get("confusion_matrix")
+    if isinstance(matrix, list) and matrix:
+        return len(matrix)
+    return None
+
+
+def collapse_reasons(record: dict[str, Any]) -> list[str]:
+    """Why a downstream run looks collapsed; empty when it does not."""
+    reasons = []
+    loss, acc = _num(record.get("test_loss")), _num(record.get("test_acc"))
+    majority, balanced = _num(record.get("test_majority_acc")), _num(record.get("test_balanced_acc"))
+    if loss is not None and not math.isfinite(loss):
+        reasons.append(f"test loss is {loss}")
+    if acc is not None and majority is not None and acc < majority:
+        reasons.append(f"test accuracy {_pct(acc)} is below the majority-class accuracy {_pct(majority)}")
+    n_classes = number_of_classes(record)
+    if balanced is not None and n_classes:
+        chance = 1.0 / n_classes
+        if balanced <= chance + BALANCED_CHANCE_MARGIN:
+            reasons.append(f"balanced accuracy {_pct(balanced)} is at chance ({_pct(chance)}, {n_classes} classes)")
+    return reasons
+
+
+def collapsed_runs(records: list[dict[str, Any]]) -> list[Flag]:
+    flags = []
+    for record in sorted(records, key=lambda r: str(r.get("run"))):
+        reasons = collapse_reasons(record)
+        if reasons:
+            run = str(record.get("run") or record.get("encoder"))
+            flags.append(Flag("collapsed", f"Collapsed downstream run `{run}`: " + "; ".join(reasons) + ".", (run,)))
+    return flags
+
+
+def pretext_left_chance(stage: Stage) -> bool | None:
+    """Whether the best pretext accuracy rose above chance; ``None`` when it cannot be told."""
+    chance, best = stage.chance, stage.best_acc
+    if chance is None or best is None:
+        return None
+    return best >= chance + max(0.02, 0.1 * chance)
+
+
+def pretext_at_chance(stages: list[Stage]) -> list[Flag]:
+    flags = []
+    for stage in stages:
+        if pretext_left_chance(stage) is False:
+            method = stage.info.get("method", "?")
+            chain = stage.info.get("chain", "?")
+            flags.append(
+                Flag(
+                    "pretext_chance",
+                    f"Pretext task of `{stage.folder}` ({method}, chain `{chain}`) never left chance: best pretext "
+                    f"accuracy {_pct(stage.best_acc)} over {len(stage.pretext_acc)} epochs, chance "
+                    f"{_pct(stage.chance)}. The encoder learnt nothing from the pretext task.",
+                    stage=stage.folder,
+                )
+            )
+    return flags
+
+
+def identical_results(records: list[dict[str, Any]]) -> list[Flag]:
+    """Distinct runs whose (test loss, test accuracy) agree to the report's precision (4 decimals, 0.01%)."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for record in records:
+        loss, acc = _num(record.get("test_loss")), _num(record.get("test_acc"))
+        if loss is None or acc is None or not (math.isfinite(loss) and math.isfinite(acc)):
+            continue
+        groups.setdefault((round(loss, 4), round(acc, 4)), []).append(str(record.get("run") or "?"))
+    flags = []
+    for (loss, acc), runs in groups.items():
+        runs = sorted(set(runs))
+        if len(runs) > 1:
+            names = ", ".join(f"`{r}`" for r in runs)
+            flags.append(
+                Flag(
+                    "identical",
+                    f"Runs {names} report the same test loss / accuracy ({loss:.4f} / {_pct(acc)}): "
+                    "a copied result, or runs that did not differ as their settings say?",
+                    tuple(runs),
+                )
+            )
+    return flags
+
+
+def find_flags(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
+    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, identical results."""
+    return collapsed_runs(records) + pretext_at_chance(stages) + identical_results(records)

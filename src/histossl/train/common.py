@@ -1,0 +1,197 @@
+"""What pretraining and downstream training share: the batch loader, the lr schedule, the optimizer,
+the per-epoch CSV, the Lightning trainer and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+from histossl.config import TrainerConfig
+from histossl.errors import ConfigError
+from histossl.io import atomic_write_text
+
+
+class ArrayBatches(Dataset):
+    """Rows of a uint8 image array (usually the memory-mapped decoded cache) with their labels.
+
+    A whole batch is read with one fancy-indexing slice (``__getitems__``), so a loader worker does
+    no decoding and no per-image Python work; augmentation happens later, batched, on the device.
+    """
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None = None) -> None:
+        self.images = images
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = np.zeros(len(images), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.sort(self.rows[np.asarray(indices, dtype=np.int64)])  # sorted reads are sequential on disk
+        return torch.from_numpy(np.ascontiguousarray(self.images[rows])), torch.from_numpy(self.labels[rows])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+
+def keep_batch(batch):
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, cfg: TrainerConfig, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=cfg.num_workers,
+        collate_fn=keep_batch,
+        pin_memory=torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"),
+        persistent_workers=cfg.num_workers > 0,
+        generator=generator,
+    )
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimizer step ``step``: linear warmup, then cosine to 0 or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "lars":
+        from lightly.utils.lars import LARS  # LARS (You et al. 2017, arXiv 1708.03888), used by SimCLR at large batch
+
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer {name!r}: expected sgd, adamw or lars")
+
+
+def scheduled(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str) -> dict:
+    """Lightning's ``configure_optimizers`` answer with a per-step LambdaLR."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class RngStateInCheckpoint:
+    """Mixin for LightningModules: the torch RNG state travels in the checkpoint, so a resumed run
+    draws the same augmentations it would have drawn without the interruption."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rng_state")
+        if state:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochCSV(Callback):
+    """Writes ``pl_module.epoch_metrics`` (a dict set by the module each epoch) as one row of a CSV.
+
+    Rows of epochs at or after the current one are dropped first, so a resumed run rewrites the
+    epochs it redoes instead of duplicating them. The file is replaced atomically.
+    """
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path = Path(path)
+        self.columns = columns
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = getattr(pl_module, "epoch_metrics", None)
+        if not trainer.is_global_zero or not metrics:
+            return
+        rows = read_csv(self.path)
+        rows = [r for r in rows if int(r["epoch"]) < metrics["epoch"]]
+        rows.append({k: metrics.get(k, "") for k in self.columns})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in self.columns})
+        atomic_write_text(self.path, buffer.getvalue())
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _devices(text: str):
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def make_trainer(cfg: TrainerConfig, epochs: int, callbacks: list[Callback], root: Path, validate: bool) -> pl.Trainer:
+    """A Lightning trainer with the user's accelerator, devices, precision, strategy and nodes."""
+    try:
+        return pl.Trainer(
+            accelerator=cfg.accelerator,
+            devices=_devices(cfg.devices),
+            precision=cfg.precision,
+            strategy=cfg.strategy,
+            num_nodes=cfg.num_nodes,
+            max_epochs=epochs,
+            callbacks=callbacks,
+            logger=False,
+            default_root_dir=str(root),
+            enable_progress_bar=cfg.progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=1.0 if validate else 0,
+            log_every_n_steps=1,
+        )
+    except (ValueError, TypeError, pl.utilities.exceptions.MisconfigurationException) as err:
+        raise ConfigError(f"trainer: {str(err).splitlines()[0]}") from None
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    path = Path(folder) / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def checkpoint_callback(folder: Path, monitor: str | None = None, mode: str = "max") -> ModelCheckpoint:
+    """Saves ``last.ckpt`` every epoch (to resume) and, with ``monitor``, the best epoch as ``best.ckpt``."""
+    return ModelCheckpoint(
+        dirpath=str(folder),
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1 if monitor else 0,
+        save_last=True,
+        every_n_epochs=1,
+        enable_version_counter=False,
+    )
