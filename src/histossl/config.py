@@ -371,7 +371,7 @@ def validate(config: Config) -> None:
     for name, ds in config.datasets.items():
         need(ds.synthetic or bool(ds.path), f"datasets.{name}.path", "give a path, or synthetic: true")
     s = config.split
-    need(0 <= s.val_fraction < 1, "split.val_fraction", f"must be in [0, 1), got {s.val_fraction}")
+    need(0 < s.val_fraction < 1, "split.val_fraction", f"must be in (0, 1): model selection needs a validation split, got {s.val_fraction}")
     need(0 < s.test_fraction < 1, "split.test_fraction", f"must be in (0, 1), got {s.test_fraction}")
     need(s.val_fraction + s.test_fraction < 1, "split", "val_fraction + test_fraction must leave a train split")
     need(config.pretrain.epochs >= 1, "pretrain.epochs", f"must be at least 1, got {config.pretrain.epochs}")

@@ -175,4 +175,5 @@ class _Progress:
 
     def done(self) -> None:
         if self.enabled and self.last - self.start > 0:  # only after a long decode that printed before
-            print(f"{self.label}: {self.total}/{self.total} in {time.monotonic() - self.start:.0f} s", file=sys.stderr, flush=True)
+            elapsed = time.monotonic() - self.start
+            print(f"{self.label}: {self.total}/{self.total} in {elapsed:.0f} s", file=sys.stderr, flush=True)

@@ -114,7 +114,8 @@ def format_inspect(report: dict) -> str:
         lines.append("groups: none (each image is its own group)")
     else:
         g = report["group_sizes"]
-        lines.append(f"groups: {report['n_groups']} (images per group: min {g['min']}, median {g['median']:g}, max {g['max']})")
+        per_group = f"min {g['min']}, median {g['median']:g}, max {g['max']}"
+        lines.append(f"groups: {report['n_groups']} (images per group: {per_group})")
         single = sum(1 for per_class in report["groups"].values() if len(per_class) == 1)
         lines.append(f"  groups holding a single class: {single}")
     if report.get("manifest_splits"):
@@ -123,7 +124,8 @@ def format_inspect(report: dict) -> str:
     if sizes:
         common = ", ".join(f"{s['size'][0]}x{s['size'][1]}: {s['count']}" for s in sizes["most_common"])
         lines.append(f"sizes (w x h): {common}  [{sizes['n_distinct']} distinct]")
-        lines.append(f"  width {sizes['min_width']}..{sizes['max_width']}, height {sizes['min_height']}..{sizes['max_height']}")
+        lines.append(f"  width {sizes['min_width']}..{sizes['max_width']}, "
+                     f"height {sizes['min_height']}..{sizes['max_height']}")
         lines.append(f"  smaller than the most common size: {report['n_smaller_than_most_common']}")
         lines.extend(f"    {e['path']} ({e['size'][0]}x{e['size'][1]})" for e in report["smaller_examples"])
     lines.append("modes: " + ", ".join(f"{m}: {n}" for m, n in report["modes"].items()))

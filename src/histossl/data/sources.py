@@ -174,7 +174,8 @@ def _index_manifest(manifest: Path) -> ImageIndex:
             columns = [c.strip() for c in reader.fieldnames or []]
             for needed in ("path", "label"):
                 if needed not in columns:
-                    raise DataError(f"{manifest}: header must name columns path,label[,group][,split]; got {','.join(columns) or 'nothing'}")
+                    got = ",".join(columns) or "nothing"
+                    raise DataError(f"{manifest}: header must name columns path,label[,group][,split]; got {got}")
             reader.fieldnames = columns
             has_groups, has_splits = "group" in columns, "split" in columns
             records, splits, seen = [], [], set()

@@ -22,7 +22,7 @@ same field of view at a finer resolution).
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -46,11 +46,15 @@ EOSIN_OD = np.array([0.072, 0.990, 0.105])
 MANIFEST_NAME = "synth.json"
 _FORMAT_VERSION = 1  # bump when the images a config produces change, so an old folder is not reused
 
-# Each image's stain amount is pulled this far (in log space) towards a random amount shared by all
-# classes: 1 would erase every difference in how much stain a class takes up, 0 keeps the natural one.
-_AMOUNT_MATCHING = 0.8
-_H_AMOUNT_RANGE = (0.10, 0.45)  # mean haematoxylin concentration of an image, before slide gain
-_E_AMOUNT_RANGE = (0.15, 0.55)
+# Each image's stain amount (mean concentration) and contrast (std / mean of the concentration) are
+# pulled towards random values drawn from ranges shared by all classes, this far in log space: 1 would
+# erase every difference in how much stain a class takes up and how patchy it is, 0 keeps the natural
+# one. The structure (where the stain is) is untouched: contrast changes are affine per map.
+AMOUNT_MATCHING = 0.7
+CONTRAST_MATCHING = 0.3
+H_AMOUNT_RANGE = (0.08, 0.45)  # mean haematoxylin concentration of a patch, before the slide's gain
+E_AMOUNT_RANGE = (0.12, 0.55)
+CONTRAST_RANGE = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ def random_slide_stain(rng: np.random.Generator) -> SlideStain:
     """Draw the stain, scanner and sectioning variation of one slide."""
 
     def perturbed(vector: np.ndarray) -> np.ndarray:
-        v = vector * np.exp(rng.normal(0.0, 0.12, 3))
+        # multiplicative jitter, plus a little absorption in every channel (real eosin is pinker than
+        # the pure green absorber of the reference vector on most slides)
+        v = vector * np.exp(rng.normal(0.0, 0.12, 3)) + rng.uniform(0.0, 0.15, 3)
         return v / np.linalg.norm(v)
 
     brightness = rng.uniform(0.82, 1.0)
@@ -93,31 +99,32 @@ def random_slide_stain(rng: np.random.Generator) -> SlideStain:
 # Drawing blocks on (size, size) float maps
 
 
-def _frequencies(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column frequencies (cycles per pixel) of an rfft2 of a (size, size) image."""
-    return np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]
+@functools.lru_cache(maxsize=256)
+def _gaussian_transfer(size: int, along: float, across: float, angle: float) -> np.ndarray:
+    """rfft2-domain transfer of a periodic Gaussian filter with std ``along`` pixels in direction
+    ``angle`` (radians from the x axis, counter-clockwise as seen) and ``across`` pixels across it."""
+    fy, fx = np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]
+    dx, dy = np.cos(angle), -np.sin(angle)  # image rows grow downwards
+    f_along = fx * dx + fy * dy
+    f_across = -fx * dy + fy * dx
+    return np.exp(-2.0 * np.pi**2 * ((f_along * along) ** 2 + (f_across * across) ** 2))
 
 
-def _filter(image: np.ndarray, transfer: np.ndarray) -> np.ndarray:
-    return np.fft.irfft2(np.fft.rfft2(image) * transfer, s=image.shape)
-
-
-def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Periodic Gaussian blur; sigma in pixels."""
-    fy, fx = _frequencies(image.shape[0])
-    return _filter(image, np.exp(-2.0 * np.pi**2 * sigma**2 * (fx**2 + fy**2)))
+def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Periodic Gaussian blur of (..., size, size) maps; sigma in pixels."""
+    transfer = _gaussian_transfer(images.shape[-1], sigma, sigma, 0.0)
+    return np.fft.irfft2(np.fft.rfft2(images) * transfer, s=images.shape[-2:])
 
 
 def _noise(rng: np.random.Generator, size: int, along: float, across: float | None = None, angle: float = 0.0) -> np.ndarray:
     """Smooth Gaussian noise, zero mean and unit std, correlated over ``along`` pixels in direction
     ``angle`` (radians from the x axis, counter-clockwise as seen) and ``across`` pixels across it."""
-    across = along if across is None else across
-    fy, fx = _frequencies(size)
-    dx, dy = np.cos(angle), -np.sin(angle)  # image rows grow downwards
-    f_along = fx * dx + fy * dy
-    f_across = -fx * dy + fy * dx
-    transfer = np.exp(-2.0 * np.pi**2 * ((f_along * along) ** 2 + (f_across * across) ** 2))
-    out = _filter(rng.standard_normal((size, size)), transfer)
+    if across is None or across == along:
+        across, angle = along, 0.0  # isotropic: one cached transfer
+    transfer = _gaussian_transfer(size, along, across, angle)
+    # white noise drawn directly in the frequency domain saves the forward transform
+    spectrum = rng.standard_normal((2, *transfer.shape))
+    out = np.fft.irfft2((spectrum[0] + 1j * spectrum[1]) * transfer, s=(size, size))
     out -= out.mean()
     return out / (out.std() + 1e-8)
 
@@ -308,9 +315,10 @@ def _mucus(rng: np.random.Generator, stain: SlideStain, size: int, s: float) -> 
                                  None, 0.0, (0.6, 1.0))
     eosin = 0.55 * amount
     edge = _edge(rng, size, s, 0.35)  # mucosa next to the pool: dense cells under pink cytoplasm
-    tissue_h = _nuclei(rng, size, int(45 * s * s), (1.2 * s, 1.8 * s), (1.5, 2.5), np.pi / 2, 0.3, (0.9, 1.3))
-    hx = hx * (1 - edge) + edge * (0.05 + tissue_h)
-    eosin = eosin * (1 - edge) + edge * 0.55
+    if edge.any():
+        tissue_h = _nuclei(rng, size, int(45 * s * s), (1.2 * s, 1.8 * s), (1.5, 2.5), np.pi / 2, 0.3, (0.9, 1.3))
+        hx = hx * (1 - edge) + edge * (0.05 + tissue_h)
+        eosin = eosin * (1 - edge) + edge * 0.55
     return hx, eosin
 
 
@@ -331,11 +339,15 @@ def _background(rng: np.random.Generator, stain: SlideStain, size: int, s: float
     hx = 0.12 + 0.07 * haze
     eosin = 0.16 + 0.10 * haze
     dust = _nuclei(rng, size, int(rng.integers(0, 4)), (0.5 * s, 1.0 * s), (1.0, 3.0), None, 0.0, (0.3, 0.8))
+    hx = hx + dust
     edge = _edge(rng, size, s, 0.6)
-    angle = _direction(rng, stain)
-    tissue_e = np.clip(0.55 + 0.3 * np.tanh(_noise(rng, size, 8 * s, 1.0 * s, angle)), 0.02, None)
-    tissue_h = 0.05 + _nuclei(rng, size, int(10 * s * s), (0.8 * s, 1.2 * s), (2.5, 4.0), angle, 0.2, (0.9, 1.3))
-    return hx * (1 - edge) + dust + edge * tissue_h, eosin * (1 - edge) + edge * tissue_e
+    if edge.any():  # stroma beyond the edge
+        angle = _direction(rng, stain)
+        tissue_e = np.clip(0.55 + 0.3 * np.tanh(_noise(rng, size, 8 * s, 1.0 * s, angle)), 0.02, None)
+        tissue_h = 0.05 + _nuclei(rng, size, int(10 * s * s), (0.8 * s, 1.2 * s), (2.5, 4.0), angle, 0.2, (0.9, 1.3))
+        hx = hx * (1 - edge) + edge * tissue_h
+        eosin = eosin * (1 - edge) + edge * tissue_e
+    return hx, eosin
 
 
 CLASS_RENDERERS: dict[str, Callable[[np.random.Generator, SlideStain, int, float], Maps]] = {
@@ -362,11 +374,15 @@ def check_classes(classes: list[str]) -> None:
 # From stain concentrations to an RGB patch
 
 
-def _match_amount(concentration: np.ndarray, target: float) -> np.ndarray:
-    """Scale a concentration map so its mean moves ``_AMOUNT_MATCHING`` of the way (in log space)
-    from its natural mean to ``target``."""
+def _match_stats(concentration: np.ndarray, rng: np.random.Generator, amount_range: tuple[float, float]) -> np.ndarray:
+    """Move a concentration map's mean and contrast part of the way towards random shared targets."""
     mean = max(float(concentration.mean()), 1e-3)
-    return concentration * (target / mean) ** _AMOUNT_MATCHING
+    contrast = max(float(concentration.std()) / mean, 1e-3)
+    target_mean = np.exp(rng.uniform(*np.log(amount_range)))
+    target_contrast = np.exp(rng.uniform(*np.log(CONTRAST_RANGE)))
+    new_mean = mean * (target_mean / mean) ** AMOUNT_MATCHING
+    stretch = (target_contrast / contrast) ** CONTRAST_MATCHING
+    return np.clip(new_mean * (1.0 + (concentration / mean - 1.0) * stretch), 0.0, None)
 
 
 def synth_image(cls: str, rng: np.random.Generator, stain: SlideStain, size: int) -> np.ndarray:
@@ -374,18 +390,19 @@ def synth_image(cls: str, rng: np.random.Generator, stain: SlideStain, size: int
     check_classes([cls])
     s = size / 64.0
     hx, eosin = CLASS_RENDERERS[cls](rng, stain, size, s)
-    hx = _match_amount(hx, np.exp(rng.uniform(*np.log(_H_AMOUNT_RANGE)))) * stain.haematoxylin_gain
-    eosin = _match_amount(eosin, np.exp(rng.uniform(*np.log(_E_AMOUNT_RANGE)))) * stain.eosin_gain
+    hx = _match_stats(hx, rng, H_AMOUNT_RANGE) * stain.haematoxylin_gain
+    eosin = _match_stats(eosin, rng, E_AMOUNT_RANGE) * stain.eosin_gain
     blur = rng.uniform(0.35, 0.9) * s  # focus varies patch to patch
-    hx = np.clip(_gaussian_blur(hx, blur), 0.0, None)
-    eosin = np.clip(_gaussian_blur(eosin, blur), 0.0, None)
+    hx, eosin = np.clip(_gaussian_blur(np.stack([hx, eosin]), round(blur, 2)), 0.0, None)
     # Beer-Lambert: I = I0 * exp(-OD), OD = sum of concentration x stain vector
-    od = hx[..., None] * stain.haematoxylin_od + eosin[..., None] * stain.eosin_od
-    rows = (np.arange(size) + 0.5)[:, None, None] / size
+    vectors = np.stack([stain.haematoxylin_od, stain.eosin_od]).astype(np.float32)  # (2, 3)
+    od = np.stack([hx, eosin], axis=-1).astype(np.float32) @ vectors  # (size, size, 3)
+    rows = (np.arange(size, dtype=np.float32) + 0.5)[:, None, None] / size
     illumination = 1.0 + stain.illumination_falloff * (0.5 - rows)  # brighter at the top
-    white = stain.white * rng.uniform(0.93, 1.05)  # exposure varies patch to patch
+    white = (stain.white * rng.uniform(0.93, 1.05)).astype(np.float32)  # exposure varies patch to patch
     rgb = white * illumination * np.exp(-od)
-    rgb += rng.normal(0.0, rng.uniform(1.5, 4.0), rgb.shape)  # sensor noise
+    noise = rng.standard_normal(rgb.shape, dtype=np.float32)
+    rgb += np.float32(rng.uniform(1.5, 4.0)) * noise  # sensor noise
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
@@ -421,17 +438,23 @@ def _is_complete(out_dir: Path, cfg: SynthConfig) -> bool:
     return sum(1 for _ in out_dir.glob("*/*/*.png")) == _expected_files(cfg)
 
 
+def _write_group(root: Path, cfg: SynthConfig, g: int) -> str:
+    """Write every image of slide ``g`` under ``root``; the images depend only on (seed, g, class, i)."""
+    stain = random_slide_stain(np.random.default_rng([cfg.seed, g]))
+    group = group_name(g)
+    for cls in cfg.classes:
+        folder = root / group / cls
+        folder.mkdir(parents=True)
+        for i in range(cfg.per_class_per_group):
+            rng = np.random.default_rng([cfg.seed, g, _class_key(cls), i])
+            image = synth_image(cls, rng, stain, cfg.image_size)
+            Image.fromarray(image).save(folder / f"{group}_{cls}_{i:04d}.png", compress_level=1)
+    return group
+
+
 def _generate(root: Path, cfg: SynthConfig, progress: bool) -> None:
     for g in range(cfg.n_groups):
-        stain = random_slide_stain(np.random.default_rng([cfg.seed, g]))
-        group = group_name(g)
-        for cls in cfg.classes:
-            folder = root / group / cls
-            folder.mkdir(parents=True)
-            for i in range(cfg.per_class_per_group):
-                rng = np.random.default_rng([cfg.seed, g, _class_key(cls), i])
-                image = synth_image(cls, rng, stain, cfg.image_size)
-                Image.fromarray(image).save(folder / f"{group}_{cls}_{i:04d}.png", compress_level=1)
+        group = _write_group(root, cfg, g)
         if progress:
             print(f"synth: {group} done ({g + 1}/{cfg.n_groups})", file=sys.stderr, flush=True)
     (root / MANIFEST_NAME).write_text(json.dumps(_manifest(cfg), indent=2) + "\n")
@@ -443,6 +466,7 @@ def synthesize(out_dir: Path, cfg: SynthConfig, progress: bool = False) -> Path:
     Deterministic by ``cfg.seed``. The images are written into a temporary folder beside ``out_dir``
     and renamed into place, so a killed run leaves no half data set. A folder that already holds the
     complete set of the same ``cfg`` is reused; any other non-empty folder is refused (DataError).
+    One process: the default set takes a few seconds, less than starting worker processes would save.
     """
     out_dir = Path(out_dir)
     check_classes(list(cfg.classes))

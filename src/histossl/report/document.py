@@ -6,6 +6,7 @@ same thing. Inline text may use two markdown constructs only: ``**bold**`` and `
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -82,5 +83,6 @@ def to_markdown(blocks: list[Block]) -> str:
             text = table_to_markdown(block)
             parts.append(f"{block.caption}\n\n{text}" if block.caption else text)
         elif isinstance(block, Figure):
-            parts.append(f"![{block.caption}]({block.path})\n\n*{block.caption}*")
+            alt = re.sub(r"[`\[\]]", "", block.caption)
+            parts.append(f"![{alt}]({block.path})\n\n*{block.caption}*")
     return "\n\n".join(parts) + "\n"

@@ -110,7 +110,7 @@ def read_records(out_dir: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
             del by_key[key]  # re-insert so the order follows the file's last occurrence
         by_key[key] = record
     for problem in problems:
-        log.warning("%s: %s", path, problem.message)
+        log.warning("%s: %s", out_dir, problem.message)
     return list(by_key.values()), problems
 
 

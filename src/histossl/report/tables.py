@@ -204,11 +204,11 @@ def build_table(
                 text += f" {FLAG_MARK}"
             row.append(Cell(text, bold=best is not None and mean is not None and mean.mean == best))
         rows.append(row)
-    seeds = "1 seed" if usual_n == 1 else f"mean ± sample std over {usual_n} seeds"
-    caption = (
-        f"**{MODE_TITLES.get(mode, mode)}, {schedule} lr schedule — {metric.title}** "
-        f"({seeds} per cell unless marked (n=…); best mean per row in bold)"
-    )
+    seeds = "1 seed per cell" if usual_n == 1 else f"mean ± sample std over {usual_n} seeds per cell"
+    if len(counts) > 1:
+        seeds += ", other counts marked (n=…)"
+    best = "highest mean accuracy" if metric.best_field == "test_acc" else "highest mean"
+    caption = f"**{MODE_TITLES.get(mode, mode)}, {schedule} lr schedule** ({seeds}; bold: {best} of the row)"
     return Table(header=header, rows=rows, caption=caption, key=f"{metric.key}/{mode}/{schedule}")
 
 
@@ -232,10 +232,9 @@ def runs_table(agg: Aggregate) -> Table:
                     folders = ", ".join(f"`{r.get('run')}`" for r in runs if r.get("run")) or MISSING
                     pretrain = sorted({str(r.get("pretrain_dir")) for r in runs if r.get("pretrain_dir")})
                     chains = sorted({str(r.get("pretrain_chain")) for r in runs if r.get("pretrain_chain")})
-                    if pretrain:
-                        source = ", ".join(f"`{p}`" for p in pretrain)
-                    else:
-                        source = "none (" + ", ".join(f"`{c}`" for c in chains) + ")" if chains else "none"
+                    source = ", ".join(f"`{p}`" for p in pretrain) or "none"
+                    if chains:
+                        source += " (chain " + ", ".join(f"`{c}`" for c in chains) + ")"
                     rows.append([Cell(c) for c in (
                         encoder, mode, schedule, format_fraction(fraction), seeds, folders, source)])
     return Table(header=header, rows=rows, key="runs")

@@ -1,0 +1,185 @@
+"""The ``histossl`` command: parses arguments, then calls one function per command.
+
+Errors a user can act on (HistosslError) print one line naming the culprit and exit with 2
+(usage, config) or 1 (anything else); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from histossl import __version__
+from histossl.errors import HistosslError
+
+log = logging.getLogger("histossl")
+QUICKSTART = Path(__file__).resolve().parent / "quickstart.yaml"
+
+
+def _config_args(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", type=Path, help="study config (YAML)")
+    p.add_argument("--out", type=Path, help="output folder (default: out/<name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set pretrain.epochs=5 (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histossl", description="Self-supervised pretraining studies for histopathology with scarce labels.")
+    p.add_argument("--version", action="version", version=f"histossl {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the quickstart study on the embedded synthetic tissue data")
+    _config_args(demo, config=False)
+    study = sub.add_parser("study", help="pretraining, downstream runs and the report; rerun to resume")
+    _config_args(study)
+    pre = sub.add_parser("pretrain", help="pretraining only; writes each encoder")
+    _config_args(pre)
+    ev = sub.add_parser("evaluate", help="downstream runs for one encoder file")
+    _config_args(ev)
+    ev.add_argument("--encoder", type=Path, required=True, help="encoder weights (.safetensors, .pth, .pt)")
+    rep = sub.add_parser("report", help="rebuild report.md, report.html and figures/ from a study's records")
+    rep.add_argument("dir", type=Path)
+
+    data = sub.add_parser("data", help="data sets: synth, inspect").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    synth = data.add_parser("synth", help="write the synthetic tissue data set as a group/class image folder")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--classes", help="comma-separated tissue classes (default: all)")
+    synth.add_argument("--groups", type=int, help="number of simulated slides")
+    synth.add_argument("--per-class", type=int, help="images per class and slide")
+    synth.add_argument("--size", type=int, help="image size in pixels")
+    synth.add_argument("--seed", type=int)
+    synth.add_argument("--grid", type=Path, help="also draw a grid of samples into this PNG")
+    inspect = data.add_parser("inspect", help="classes, counts, groups, sizes, modes, unreadable files")
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--json", action="store_true")
+
+    weights = sub.add_parser("weights", help="ImageNet weights").add_subparsers(dest="weights_command", required=True, metavar="SUBCOMMAND")
+    wpath = weights.add_parser("path", help="where the ImageNet weights of a backbone are expected")
+    wpath.add_argument("backbone")
+    return p
+
+
+def _load(args) -> tuple:
+    from histossl import config
+
+    cfg = config.load(args.config, args.overrides)
+    out = args.out or Path("out") / cfg.name
+    return cfg, out
+
+
+def cmd_demo(args) -> None:
+    from histossl import config, study
+
+    cfg = config.load(QUICKSTART, args.overrides)
+    out = args.out or Path("out") / "demo"
+    report = study.run_study(cfg, out)
+    print(f"report: {report}")
+
+
+def cmd_study(args) -> None:
+    from histossl import study
+
+    cfg, out = _load(args)
+    print(f"report: {study.run_study(cfg, out)}")
+
+
+def cmd_pretrain(args) -> None:
+    from histossl import study
+
+    cfg, out = _load(args)
+    if not cfg.encoders:
+        raise HistosslError(f"{args.config}: no encoders to pretrain (add an 'encoders:' section)")
+    for name, path in study.run_pretrain(cfg, out).items():
+        print(f"{name}: {path}")
+
+
+def cmd_evaluate(args) -> None:
+    from histossl import study
+
+    cfg, out = _load(args)
+    print(f"report: {study.run_evaluate(cfg, out, args.encoder)}")
+
+
+def cmd_report(args) -> None:
+    from histossl.report import build_report
+
+    if not (args.dir / "results.jsonl").is_file():
+        raise HistosslError(f"{args.dir}: no results.jsonl (is this a study's output folder?)")
+    print(f"report: {build_report(args.dir)}")
+
+
+def cmd_data(args) -> None:
+    if args.data_command == "inspect":
+        from histossl.data.inspect import format_inspect, inspect_path
+
+        report = inspect_path(args.path)
+        print(json.dumps(report, indent=2) if args.json else format_inspect(report))
+        return
+    import dataclasses
+
+    from histossl.config import SynthConfig
+    from histossl.data.synth import draw_grid, synthesize
+
+    options = {
+        "classes": args.classes.split(",") if args.classes else None,
+        "n_groups": args.groups,
+        "per_class_per_group": args.per_class,
+        "image_size": args.size,
+        "seed": args.seed,
+    }
+    cfg = dataclasses.replace(SynthConfig(), **{k: v for k, v in options.items() if v is not None})
+    root = synthesize(args.out, cfg, progress=True)
+    print(f"synthetic data: {root}")
+    if args.grid:
+        print(f"sample grid: {draw_grid(root, args.grid)}")
+
+
+def cmd_weights(args) -> None:
+    from histossl.models.backbones import imagenet_weights_path
+
+    print(imagenet_weights_path(args.backbone))
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "study": cmd_study,
+    "pretrain": cmd_pretrain,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "data": cmd_data,
+    "weights": cmd_weights,
+}
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Lightning's banners (GPU available: False, ...) and hints are noise in a study's log."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("histossl").setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightly"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="pytorch_lightning")
+        warnings.filterwarnings("ignore", module="lightning_fabric")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    quiet_libraries(args.debug)
+    try:
+        COMMANDS[args.command](args)
+    except HistosslError as err:
+        if args.debug:
+            raise
+        print(f"histossl: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("histossl: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,282 @@
+"""Assemble ``report.md``, ``report.html`` and ``figures/`` from a study folder's records alone.
+
+Everything comes from files the study wrote (``results.jsonl``, ``pretrain/*/stage.json`` and
+``metrics.csv``, ``downstream/*/metrics.csv``, the ``name`` in ``config.yaml``), so rebuilding gives
+the same report. The markdown holds no timestamp for that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histossl.errors import HistosslError
+from histossl.io import atomic_write_bytes, atomic_write_text
+from histossl.report import figures as draw
+from histossl.report.document import Block, Bullets, Cell, Figure, Heading, Paragraph, Table, to_markdown
+from histossl.report.flags import Flag, find_flags, pretext_left_chance
+from histossl.report.html import to_html
+from histossl.report.records import Problem, Stage, load_stages, read_metrics_csv, read_records
+from histossl.report.tables import (
+    FLAG_MARK,
+    METRIC_TABLES,
+    MODE_TITLES,
+    Aggregate,
+    aggregate,
+    build_table,
+    format_fraction,
+    has_metric,
+    runs_table,
+)
+
+log = logging.getLogger(__name__)
+
+FIGURES_DIR = "figures"
+# Figure names this module writes; stale ones from an earlier build are removed, nothing else is.
+_OWN_FIGURE = re.compile(r"^(pretext_|downstream_|accuracy_vs_fraction|confusion_).*\.png$")
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of an encoder or stage name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "unnamed"
+
+
+def _study_name(out_dir: Path) -> str:
+    path = out_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return out_dir.resolve().name
+    if isinstance(config, dict) and isinstance(config.get("name"), str):
+        return config["name"]
+    return out_dir.resolve().name
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
+
+
+def _sum_field(items: list[dict[str, Any]], name: str) -> float:
+    return math.fsum(float(v) for i in items if isinstance(v := i.get(name), int | float) and math.isfinite(v))
+
+
+def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: list[Stage], agg: Aggregate) -> list[Block]:
+    seeds = sorted({r.get("seed") for r in records}, key=str)
+    items = [
+        f"Study folder `{out_dir}`; resolved configuration `{out_dir / 'config.yaml'}`",
+        f"**{len(records)} downstream runs**: {len(agg.encoders)} encoders × modes "
+        f"{', '.join(agg.modes) or '—'} × lr schedules {', '.join(agg.schedules) or '—'} × label fractions "
+        f"{', '.join(format_fraction(f) for f in agg.fractions) or '—'}; seeds {', '.join(map(str, seeds)) or '—'}",
+        f"{len(stages)} pretraining stages with curves; compute: {_duration(_sum_field([s.info for s in stages], 'wall_s'))}"
+        f" pretraining, {_duration(_sum_field(records, 'wall_s'))} downstream",
+    ]
+    for field, label in (("device", "hardware"), ("torch_version", "torch"), ("histossl_version", "histossl")):
+        values = sorted({str(r[field]) for r in records if r.get(field)})
+        if values:
+            items.append(f"{label}: {', '.join(values)}")
+    items.append(f"Rebuilt from the records with `histossl report {out_dir}`")
+    return [Heading(1, f"histossl study report: {name}"), Bullets(tuple(items))]
+
+
+def _warnings(problems: list[Problem], flags: list[Flag], stage_users: dict[str, list[str]]) -> list[Block]:
+    items = []
+    for flag in flags:
+        text = f"{FLAG_MARK} {flag.message}"
+        if flag.stage and stage_users.get(flag.stage):
+            text += " Used by encoders " + ", ".join(f"`{e}`" for e in stage_users[flag.stage]) + "."
+        items.append(text)
+    items += [f"{FLAG_MARK} {p.message}." for p in problems]
+    if not items:
+        return [Heading(2, "Warnings"), Paragraph("None: no collapsed downstream run, every pretext task with an "
+                                                  "accuracy rose above chance, no two runs with identical results.")]
+    return [Heading(2, "Warnings"), Bullets(tuple(items))]
+
+
+def _stage_users(records: list[dict[str, Any]], stages: list[Stage]) -> dict[str, list[str]]:
+    """Encoders built on each stage: records whose ``pretrain_dir`` is the stage, and ``stage.json``'s ``encoder``."""
+    users: dict[str, set[str]] = {s.folder: set() for s in stages}
+    for stage in stages:
+        if stage.info.get("encoder"):
+            users[stage.folder].add(str(stage.info["encoder"]))
+    for record in records:
+        folder = record.get("pretrain_dir")
+        if folder:
+            users.setdefault(str(folder).rstrip("/"), set()).add(str(record["encoder"]))
+    return {k: sorted(v) for k, v in users.items()}
+
+
+def _stage_table(stages: list[Stage]) -> Table:
+    rows = []
+    for stage in stages:
+        losses = [v for v in stage.pretext_loss if v is not None]
+        best, chance = stage.best_acc, stage.chance
+        left = pretext_left_chance(stage)
+        rows.append([Cell(t) for t in (
+            f"`{stage.folder}`",
+            str(stage.info.get("method", "—")),
+            f"`{stage.info.get('chain', '—')}`",
+            str(stage.info.get("encoder", "—")),
+            str(len(stage.epochs)),
+            f"{losses[-1]:.4f}" if losses else "—",
+            (f"{100 * best:.2f}%" if best is not None else "—") + (f" {FLAG_MARK}" if left is False else ""),
+            f"{100 * chance:.2f}%" if chance is not None else "—",
+            _duration(float(stage.info["wall_s"])) if isinstance(stage.info.get("wall_s"), int | float) else "—",
+        )])
+    header = ["stage", "method", "chain", "encoder", "epochs", "last pretext loss", "best pretext acc", "chance", "time"]
+    return Table(header=header, rows=rows, key="stages")
+
+
+def _downstream_curves(out_dir: Path, agg: Aggregate) -> list[Figure]:
+    """For each encoder and mode: the curves of one seed (the lowest) per label fraction.
+
+    The cosine schedule is shown where the encoder has it, else its first schedule.
+    """
+    result = []
+    for encoder in agg.encoders:
+        for mode in agg.modes:
+            own = [k for k in agg.cells if k[0] == mode and k[3] == encoder]
+            if not own:
+                continue
+            schedules = [s for s in agg.schedules if any(k[1] == s for k in own)]
+            schedule = schedules[0]
+            curves = []
+            for fraction in agg.fractions:
+                runs = agg.cells.get((mode, schedule, fraction, encoder), [])
+                if not runs:
+                    continue
+                first = min(runs, key=lambda r: (str(r.get("seed")), str(r.get("run"))))
+                path = out_dir / str(first.get("run") or "") / "metrics.csv"
+                if first.get("run") and path.is_file():
+                    columns = read_metrics_csv(path)
+                    if columns.get("epoch"):
+                        curves.append((f"{format_fraction(fraction)} (seed {first.get('seed')})", columns))
+            if not curves:
+                continue
+            title = f"{encoder}, {MODE_TITLES.get(mode, mode).lower()}, {schedule} lr: downstream curves"
+            result.append(Figure(f"{FIGURES_DIR}/downstream_{safe_name(encoder)}_{mode}.png", title,
+                                 draw.downstream_figure(title, curves)))
+    return result
+
+
+def _confusions(agg: Aggregate) -> list[Figure]:
+    """Each encoder's best run (highest test balanced accuracy) as a confusion matrix."""
+    result = []
+    for encoder in agg.encoders:
+        runs = [r for k, rs in agg.cells.items() if k[3] == encoder for r in rs
+                if isinstance(r.get("confusion_matrix"), list) and r["confusion_matrix"]
+                and isinstance(r.get("test_balanced_acc"), int | float)]
+        if not runs:
+            continue
+        best = max(runs, key=lambda r: (r["test_balanced_acc"], str(r.get("run"))))
+        caption = (f"{encoder}: confusion matrix of its best run `{best.get('run')}` "
+                   f"(balanced accuracy {100 * best['test_balanced_acc']:.2f}%)")
+        title = f"{encoder}: best run {best.get('run')}\nbalanced accuracy {100 * best['test_balanced_acc']:.2f}%"
+        try:
+            data = draw.confusion_figure(best, title)
+        except (TypeError, ValueError) as err:  # a malformed matrix in a record: report it, draw the rest
+            log.warning("confusion matrix of %s cannot be drawn: %s", best.get("run"), err)
+            continue
+        result.append(Figure(f"{FIGURES_DIR}/confusion_{safe_name(encoder)}.png", caption, data))
+    return result
+
+
+def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list[Figure], str]:
+    """Read the study folder and lay out the report: (blocks, figures, title). Writes nothing.
+
+    ``draw_figures=False`` leaves the figures out (tables and warnings only), which is much quicker.
+    """
+    records, problems = read_records(out_dir)
+    stages = load_stages(out_dir)
+    agg = aggregate(records)
+    flags = find_flags(records, stages)
+    users = _stage_users(records, stages)
+    flagged_runs = {run for f in flags if f.kind != "pretext_chance" for run in f.runs}
+    suspicious = {e for f in flags if f.stage for e in users.get(f.stage, [])}
+    name = _study_name(out_dir)
+
+    blocks: list[Block] = _header(out_dir, name, records, stages, agg)
+    blocks += _warnings(problems, flags, users)
+    figures: list[Figure] = []
+
+    if not records:
+        blocks.append(Paragraph("No downstream run has finished yet (`results.jsonl` is missing or empty)."))
+    blocks.append(Paragraph(
+        "Rows: labelled fraction of the training set. Columns: encoders. Supervised baselines train the whole "
+        "network, so they appear in every table, marked *(end to end)* in frozen-encoder tables. "
+        f"{FLAG_MARK} on a cell: it holds a flagged run; on a column: its pretext task never left chance "
+        "(see Warnings). Which runs make each cell: see *Runs behind each cell*."
+    ))
+    for metric in METRIC_TABLES:
+        if not has_metric(agg, metric):
+            continue
+        blocks.append(Heading(2, metric.title))
+        for mode, schedule in agg.tables():
+            blocks.append(build_table(agg, metric, mode, schedule, flagged_runs, suspicious))
+
+    for index, schedule in enumerate(agg.schedules if draw_figures else []):
+        path = f"{FIGURES_DIR}/accuracy_vs_fraction{'' if index == 0 else '_' + safe_name(schedule)}.png"
+        caption = f"Test accuracy and balanced accuracy against label fraction, {schedule} lr schedule"
+        figures.append(Figure(path, caption, draw.accuracy_vs_fraction_figure(agg, schedule)))
+    if figures:
+        blocks.append(Heading(2, "Accuracy against label fraction"))
+        blocks += figures
+
+    if records:
+        blocks += [Heading(2, "Runs behind each cell"), runs_table(agg)]
+
+    if stages:
+        blocks += [Heading(2, "Pretraining"), _stage_table(stages)]
+        for stage in stages if draw_figures else []:
+            figure = Figure(f"{FIGURES_DIR}/pretext_{safe_name(stage.name)}.png",
+                            f"Pretext curves of `{stage.folder}`", draw.pretext_figure(stage))
+            figures.append(figure)
+            blocks.append(figure)
+
+    curves = _downstream_curves(out_dir, agg) if draw_figures else []
+    if curves:
+        blocks.append(Heading(2, "Downstream training curves"))
+        blocks.append(Paragraph("One seed (the lowest) per label fraction; train solid, validation dashed."))
+        blocks += curves
+        figures += curves
+    confusions = _confusions(agg) if draw_figures else []
+    if confusions:
+        blocks.append(Heading(2, "Confusion matrices"))
+        blocks += confusions
+        figures += confusions
+    return blocks, figures, f"histossl study report: {name}"
+
+
+def build_report(out_dir: Path, draw_figures: bool = True) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into a study folder; return report.md's path.
+
+    ``draw_figures=False`` writes the tables and warnings only (and removes no figure).
+
+    Raises:
+        HistosslError: ``out_dir`` is not a folder, or a file cannot be written.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise HistosslError(f"{out_dir}: no such study folder")
+    blocks, figures, title = compose(out_dir, draw_figures)
+    written = set()
+    for figure in figures:
+        atomic_write_bytes(out_dir / figure.path, figure.data)
+        written.add(Path(figure.path).name)
+    figures_dir = out_dir / FIGURES_DIR
+    if draw_figures and figures_dir.is_dir():
+        for stale in figures_dir.iterdir():
+            if stale.is_file() and _OWN_FIGURE.match(stale.name) and stale.name not in written:
+                stale.unlink(missing_ok=True)
+    report = out_dir / "report.md"
+    atomic_write_text(report, to_markdown(blocks))
+    atomic_write_text(out_dir / "report.html", to_html(blocks, title))
+    return report

@@ -1,0 +1,259 @@
+"""A study: every pretraining stage, then every downstream run, then the report.
+
+Reruns resume: finished stages are reused (their folder name hashes what shaped them), runs already
+in ``results.jsonl`` are skipped, and an interrupted stage or run continues from its last epoch.
+One study process per output folder at a time (an ``flock`` that dies with its process).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from histossl import config as config_mod
+from histossl import records
+from histossl.config import Config
+from histossl.data.cache import DecodedImages, decode_cached
+from histossl.data.sources import ImageIndex, load_index
+from histossl.data.splits import label_subsets, load_or_make_split
+from histossl.data.synth import synthesize
+from histossl.errors import ConfigError, DataError, HistosslError
+from histossl.io import atomic_write_json, atomic_write_text
+from histossl.train import downstream, pretrain
+
+log = logging.getLogger(__name__)
+RESULTS = "results.jsonl"
+
+
+@contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Refuse a second process on the same output folder; the OS drops the lock if we are killed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".lock", "a+")
+    except OSError as err:
+        raise HistosslError(f"cannot write to output folder {out}: {err.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        other = handle.read().strip() or "another process"
+        handle.close()
+        raise HistosslError(f"{out} is in use by {other}; wait for it to finish or use another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"histossl pid {os.getpid()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def write_config(cfg: Config, out: Path) -> None:
+    """Save the resolved config; refuse to mix records of a different study into one folder."""
+    path = out / "config.yaml"
+    new = config_mod.to_dict(cfg)
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        hardware = ("trainer", "name")
+        diff = _first_difference({k: v for k, v in old.items() if k not in hardware}, {k: v for k, v in new.items() if k not in hardware})
+        if diff:
+            raise ConfigError(
+                f"{out} holds a study made with another config (first difference at {diff}); "
+                "rerun with the same config to resume, or choose another --out"
+            )
+    config_mod.save(cfg, path)
+
+
+def _first_difference(a, b, key: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                return sub
+            found = _first_difference(a[k], b[k], sub)
+            if found:
+                return found
+        return None
+    return None if a == b else f"{key}: {a!r} -> {b!r}"
+
+
+@dataclass
+class Dataset:
+    name: str
+    index: ImageIndex
+    decoded: DecodedImages
+
+
+def dataset_path(cfg: Config, name: str, out: Path) -> Path:
+    ds = cfg.datasets[name]
+    if ds.synthetic:
+        return synthesize(out / "data" / name, cfg.synth)
+    return Path(ds.path).expanduser()
+
+
+def load_dataset(cfg: Config, name: str, out: Path) -> Dataset:
+    """Index and decode one data set (once: the decoded cache is reused across runs and studies)."""
+    ds = cfg.datasets[name]
+    index = load_index(dataset_path(cfg, name, out))
+    decoded = decode_cached(index, cfg.image_size, cfg.cache_dir, ds.skip_unreadable, progress=cfg.trainer.progress)
+    if decoded.skipped:
+        log.warning("data set %s: skipped %d unreadable images (listed in %s)", name, len(decoded.skipped), f"skipped_{name}.txt")
+        atomic_write_text(out / f"skipped_{name}.txt", "".join(f"{p}\t{why}\n" for p, why in decoded.skipped))
+    return Dataset(name, index, decoded)
+
+
+def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.TargetData, dict[int, dict[float, np.ndarray]]]:
+    """The split (saved as split.csv, reused on every rerun) and the label subsets of each seed."""
+    split = load_or_make_split(out / "split.csv", target.index, cfg.split)
+    keep = target.decoded.keep
+    labels = target.index.labels[keep]
+    split_rows = split[keep]
+    rows = {name: np.flatnonzero(split_rows == name) for name in ("train", "val", "test")}
+    for name, r in rows.items():
+        if len(r) == 0:
+            raise DataError(f"the {name} split of data set {cfg.target!r} is empty; check split.* or the manifest's split column")
+    data = downstream.TargetData(target.decoded.images, labels, target.index.classes, rows["train"], rows["val"], rows["test"])
+    # Seed s draws subset s: every method sees the same labelled images for the same seed.
+    subsets = {seed: label_subsets(labels, rows["train"], cfg.downstream.fractions, seed) for seed in cfg.downstream.seeds}
+    paths = [str(p.relative_to(target.index.root)) if p.is_relative_to(target.index.root) else str(p) for p in target.index.paths]
+    atomic_write_json(
+        out / "subsets.json",
+        {
+            str(seed): {str(f): {"n": int(len(idx)), "paths": [paths[keep[i]] for i in idx]} for f, idx in by_fraction.items()}
+            for seed, by_fraction in subsets.items()
+        },
+    )
+    return data, subsets
+
+
+def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict[str, pretrain.Stage]:
+    """Run every stage of every encoder entry (or of ``names``); returns each entry's last stage."""
+    entries = {n: e for n, e in cfg.encoders.items() if names is None or n in names}
+    plans = {name: pretrain.plan_stages(cfg, entry) for name, entry in entries.items()}
+    loaded: dict[str, Dataset] = {}
+    splits: dict[str, np.ndarray] = {}
+    for name, stages in plans.items():
+        for stage in stages:
+            if (out / "pretrain" / stage.folder / "stage.json").is_file():
+                continue
+            if stage.dataset not in loaded:
+                loaded[stage.dataset] = load_dataset(cfg, stage.dataset, out)
+            ds = loaded[stage.dataset]
+            rows = np.arange(len(ds.decoded.keep))
+            if stage.dataset == cfg.target:  # pretext training never sees the val or test patients
+                if cfg.target not in splits:
+                    splits[cfg.target] = load_or_make_split(out / "split.csv", ds.index, cfg.split)[ds.decoded.keep]
+                rows = np.flatnonzero(splits[cfg.target] == "train")
+            log.info("pretrain %s: stage %s (%s on %s, %d images, %d epochs)", name, stage.chain, stage.method, stage.dataset, len(rows), stage.epochs)
+            pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name)
+    return {name: stages[-1] for name, stages in plans.items()}
+
+
+def run_specs(cfg: Config, encoders: dict[str, pretrain.Stage], out: Path) -> list[downstream.RunSpec]:
+    """The cross product of encoders x modes x schedules x fractions x seeds, then the baselines."""
+    d = cfg.downstream
+    specs = []
+    grid = list(itertools.product(d.lr_schedules, d.fractions, d.seeds))
+    for name, stage in encoders.items():
+        for mode in d.modes:
+            for schedule, fraction, seed in grid:
+                specs.append(
+                    downstream.RunSpec(
+                        name=f"{name}__{mode}__{schedule}__f{fraction:g}__s{seed}",
+                        encoder=name,
+                        method=stage.method,
+                        pretrain_chain=stage.chain,
+                        pretrain_dir=f"pretrain/{stage.folder}",
+                        init=str(out / "pretrain" / stage.folder / "encoder.safetensors"),
+                        mode=mode,
+                        lr_schedule=schedule,
+                        label_fraction=fraction,
+                        seed=seed,
+                    )
+                )
+    for init in d.baselines:
+        name = "supervised" if init == "random" else f"supervised_{pretrain.init_label(init)}"
+        for schedule, fraction, seed in grid:
+            specs.append(
+                downstream.RunSpec(
+                    name=f"{name}__finetune__{schedule}__f{fraction:g}__s{seed}",
+                    encoder=name,
+                    method="supervised",
+                    pretrain_chain="none" if init == "random" else pretrain.init_label(init),
+                    pretrain_dir=None,
+                    init=init,
+                    mode="finetune",
+                    lr_schedule=schedule,
+                    label_fraction=fraction,
+                    seed=seed,
+                )
+            )
+    return specs
+
+
+def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> int:
+    """Run every spec not yet in results.jsonl; returns how many ran now."""
+    target = load_dataset(cfg, cfg.target, out)
+    data, subsets = target_data(cfg, target, out)
+    done = {r.get("run") for r in records.load(out / RESULTS)}
+    todo = [s for s in specs if f"downstream/{s.name}" not in done]
+    log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
+    for i, spec in enumerate(todo, 1):
+        record = downstream.run(cfg, spec, data, subsets[spec.seed][spec.label_fraction], out / "downstream" / spec.name)
+        records.append(out / RESULTS, record)
+        log.info(
+            "[%d/%d] %s: test acc %.2f%%, balanced acc %.2f%% (%.0f s)",
+            i, len(todo), spec.name, 100 * record["test_acc"], 100 * record["test_balanced_acc"], record["wall_s"],
+        )
+    return len(todo)
+
+
+def build_report(out: Path) -> Path:
+    from histossl.report import build_report as build
+
+    return build(out)
+
+
+def run_study(cfg: Config, out: Path) -> Path:
+    """The whole study; returns the path of report.md."""
+    with study_lock(out):
+        write_config(cfg, out)
+        encoders = pretrain_all(cfg, out)
+        run_downstream(cfg, out, run_specs(cfg, encoders, out))
+        return build_report(out)
+
+
+def run_pretrain(cfg: Config, out: Path) -> dict[str, Path]:
+    with study_lock(out):
+        write_config(cfg, out)
+        stages = pretrain_all(cfg, out)
+        return {name: out / "pretrain" / s.folder / "encoder.safetensors" for name, s in stages.items()}
+
+
+def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
+    """Downstream runs for one encoder file (no baselines), then the report."""
+    if not encoder_file.is_file():
+        raise HistosslError(f"encoder file not found: {encoder_file}")
+    name = encoder_file.parent.name if encoder_file.name == "encoder.safetensors" else encoder_file.stem
+    stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={})
+    with study_lock(out):
+        write_config(cfg, out)
+        specs = [
+            downstream.RunSpec(**{**s.__dict__, "init": str(encoder_file.resolve()), "pretrain_dir": None})
+            for s in run_specs(cfg, {name: stage}, out)
+            if s.method != "supervised"
+        ]
+        run_downstream(cfg, out, specs)
+        return build_report(out)
