@@ -18,6 +18,7 @@ device), so a view is reproducible from a seed.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,6 +52,17 @@ _RGB_FROM_HED = (
 # Floor on intensities before the log, as in scikit-image's separate_stains.
 _OD_EPS = 1e-6
 
+# Host copies (float64, inverses computed once); ``_constant`` moves them to a device once.
+_TABLES = {
+    "imagenet_mean": torch.tensor(IMAGENET_MEAN, dtype=torch.float64),
+    "imagenet_std": torch.tensor(IMAGENET_STD, dtype=torch.float64),
+    "luma": torch.tensor(_LUMA, dtype=torch.float64),
+    "rgb_to_yiq": torch.tensor(_RGB_TO_YIQ, dtype=torch.float64),
+    "yiq_to_rgb": torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)),
+    "rgb_from_hed": torch.tensor(_RGB_FROM_HED, dtype=torch.float64),
+    "hed_from_rgb": torch.linalg.inv(torch.tensor(_RGB_FROM_HED, dtype=torch.float64)),
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # Conversion
@@ -65,18 +77,29 @@ def to_float(batch: Tensor) -> Tensor:
     Returns:
         float32 ``(B, 3, H, W)`` in ``[0, 1]``, contiguous, on the same device.
     """
-    return batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    out = torch.empty((batch.shape[0], 3, *batch.shape[1:3]), dtype=torch.float32, device=batch.device)
+    return out.copy_(batch.permute(0, 3, 1, 2)).div_(255.0)  # two passes, no strided float copy
 
 
 def normalize(x: Tensor) -> Tensor:
     """ImageNet mean/std normalisation of a float ``(B, 3, H, W)`` batch in ``[0, 1]``."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = _constant("imagenet_mean", x).view(1, 3, 1, 1)
+    std = _constant("imagenet_std", x).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def _constant(values: tuple, x: Tensor) -> Tensor:
-    return torch.tensor(values, device=x.device, dtype=x.dtype)
+def _constant(name: str, x: Tensor) -> Tensor:
+    """A constant of ``_TABLES`` on ``x``'s device and dtype.
+
+    Cached per device: a fresh host-to-GPU copy from pageable memory on every call would synchronise
+    the stream each time.
+    """
+    return _cached_constant(name, x.device, x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _TABLES[name].to(device=device, dtype=dtype)
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -226,8 +249,11 @@ def _sample_boxes(x: Tensor, boxes: Tensor, size: int, linear: Tensor | None = N
     centre = torch.stack([(2 * x0 + w) / width - 1, (2 * y0 + h) / height - 1], dim=1)
     half = torch.diag_embed(torch.stack([w / width, h / height], dim=1))
     matrix = half if linear is None else half @ linear
-    theta = torch.cat([matrix, centre.unsqueeze(-1)], dim=2)  # (B, 2, 3)
-    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    # The grid of F.affine_grid, built by broadcasting: one full-size add instead of its batched matmul.
+    out = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1  # output pixel centres
+    along_u = out.view(1, size, 1) * matrix[:, :, 0].unsqueeze(1) + centre.unsqueeze(1)  # (B, size, 2)
+    along_v = out.view(1, size, 1) * matrix[:, :, 1].unsqueeze(1)  # (B, size, 2)
+    grid = along_u.unsqueeze(1) + along_v.unsqueeze(2)  # (B, size [v], size [u], 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -269,11 +295,12 @@ def color_jitter(
     """Colour jitter with independent factors per sample, applied with probability ``p`` per sample.
 
     Factors follow torchvision's ColorJitter: brightness, contrast and saturation in
-    ``[max(0, 1 - s), 1 + s]``, hue in ``[-hue, hue]`` (a fraction of a full turn). Deviations, for one
-    batched pass per op: the order is fixed (brightness, contrast, saturation, hue) instead of a random
-    permutation; the hue shift is a rotation of the YIQ chroma plane instead of an HSV round trip; and
-    saturation and hue share one 3x3 matrix, so the clamp between them is skipped. Samples that are not
-    jittered get identity factors, which leave them bit-exact.
+    ``[max(0, 1 - s), 1 + s]``, hue in ``[-hue, hue]`` (a fraction of a full turn), with a clamp to
+    ``[0, 1]`` after brightness and after contrast. Deviations, for few batched passes: the order is
+    fixed (brightness, contrast, saturation, hue) instead of a random permutation; the hue shift is a
+    rotation of the YIQ chroma plane instead of an HSV round trip; and saturation and hue share one 3x3
+    matrix per sample, so the clamp between them is skipped. Samples that are not jittered get identity
+    factors, which leave them bit-exact.
 
     Args:
         x: float ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -287,49 +314,7 @@ def color_jitter(
     Returns:
         float ``(B, 3, H, W)`` in ``[0, 1]``.
     """
-    if p <= 0 or not (brightness or contrast or saturation or hue):
-        return x
-    b = x.shape[0]
-    apply = _bernoulli(b, p, x, generator)
-
-    def factor(strength: float) -> Tensor:
-        f = _uniform((b,), max(0.0, 1 - strength), 1 + strength, x, generator)
-        return torch.where(apply, f, torch.ones_like(f))
-
-    luma = _constant(_LUMA, x)
-    if brightness:
-        x = (x * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
-    if contrast:
-        # Blend towards the mean grey level of each image (torchvision's adjust_contrast).
-        c = factor(contrast).view(-1, 1, 1, 1)
-        mean = torch.einsum("bchw,c->b", x, luma).view(-1, 1, 1, 1) / (x.shape[-1] * x.shape[-2])
-        x = (c * x + (1 - c) * mean).clamp_(0, 1)
-    if saturation or hue:
-        eye = torch.eye(3, device=x.device, dtype=x.dtype)
-        matrix = eye.expand(b, 3, 3)
-        if saturation:
-            # Blend towards the per-pixel grey: s * I + (1 - s) * 1 luma^T.
-            s = factor(saturation).view(-1, 1, 1)
-            matrix = s * eye + (1 - s) * luma.view(1, 1, 3).expand(b, 3, 3)
-        if hue:
-            theta = _uniform((b,), -hue, hue, x, generator) * (2 * math.pi)
-            theta = torch.where(apply, theta, torch.zeros_like(theta))
-            cos, sin = torch.cos(theta), torch.sin(theta)
-            zero, one = torch.zeros_like(cos), torch.ones_like(cos)
-            # Rotation of the (I, Q) plane minus the identity, so that theta = 0 gives exactly I below.
-            rot_minus_eye = torch.stack(
-                [
-                    torch.stack([zero, zero, zero], -1),
-                    torch.stack([zero, cos - one, -sin], -1),
-                    torch.stack([zero, sin, cos - one], -1),
-                ],
-                -2,
-            )
-            to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
-            to_yiq, from_yiq = to_yiq.to(x), torch.linalg.inv(to_yiq).to(x)  # constant, computed on the host
-            matrix = (eye + from_yiq @ rot_minus_eye @ to_yiq) @ matrix
-        x = _apply_colour_matrix(x, matrix).clamp_(0, 1)
-    return x
+    return _colour_and_grey(x, brightness, contrast, saturation, hue, p, 0.0, generator)
 
 
 def random_grayscale(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -343,8 +328,74 @@ def random_grayscale(x: Tensor, p: float, generator: torch.Generator | None = No
     if p <= 0:
         return x
     apply = _bernoulli(x.shape[0], p, x, generator).view(-1, 1, 1, 1)
-    grey = torch.einsum("bchw,c->bhw", x, _constant(_LUMA, x)).unsqueeze(1)
+    grey = torch.einsum("bchw,c->bhw", x, _constant("luma", x)).unsqueeze(1)
     return torch.where(apply, grey.expand_as(x), x)
+
+
+def _colour_and_grey(
+    x: Tensor,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    jitter_p: float,
+    grey_p: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Colour jitter (see ``color_jitter``) then random grayscale, the linear parts in one matrix.
+
+    Saturation, hue and grayscale are each a 3x3 matrix per sample, so ``random_view`` multiplies them
+    into one and touches the pixels once (grayscale: every row is the luma; not applied: the identity).
+    """
+    jitter = jitter_p > 0 and bool(brightness or contrast or saturation or hue)
+    if not jitter and grey_p <= 0:
+        return x
+    b = x.shape[0]
+    eye = torch.eye(3, device=x.device, dtype=x.dtype)
+    luma = _constant("luma", x)
+    matrix = None  # (B, 3, 3) acting on column pixels; None: the identity
+    if jitter:
+        apply = _bernoulli(b, jitter_p, x, generator)
+
+        def factor(strength: float) -> Tensor:
+            f = _uniform((b,), max(0.0, 1 - strength), 1 + strength, x, generator)
+            return torch.where(apply, f, torch.ones_like(f))
+
+        if brightness:
+            x = (x * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
+        if contrast:
+            # Blend towards the mean grey level of each image (torchvision's adjust_contrast).
+            c = factor(contrast)
+            mean = (x.mean(dim=(2, 3)) @ luma) * (1 - c)  # (B,)
+            x = torch.addcmul(mean.view(-1, 1, 1, 1), x, c.view(-1, 1, 1, 1)).clamp_(0, 1)
+        if saturation:
+            # Blend towards the per-pixel grey: s * I + (1 - s) * 1 luma^T.
+            s = factor(saturation).view(-1, 1, 1)
+            matrix = s * eye + (1 - s) * luma.view(1, 1, 3)
+        if hue:
+            theta = _uniform((b,), -hue, hue, x, generator) * (2 * math.pi)
+            theta = torch.where(apply, theta, torch.zeros_like(theta))
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            zero = torch.zeros_like(cos)
+            # Rotation of the (I, Q) plane minus the identity, so that theta = 0 gives exactly I below.
+            rot_minus_eye = torch.stack(
+                [
+                    torch.stack([zero, zero, zero], -1),
+                    torch.stack([zero, cos - 1, -sin], -1),
+                    torch.stack([zero, sin, cos - 1], -1),
+                ],
+                -2,
+            )
+            to_yiq, from_yiq = _constant("rgb_to_yiq", x), _constant("yiq_to_rgb", x)
+            hue_matrix = eye + from_yiq @ rot_minus_eye @ to_yiq
+            matrix = hue_matrix if matrix is None else hue_matrix @ matrix
+    if grey_p > 0:
+        grey = _bernoulli(b, grey_p, x, generator).view(-1, 1, 1)
+        grey_matrix = torch.where(grey, luma.view(1, 1, 3).expand(b, 3, 3), eye)
+        matrix = grey_matrix if matrix is None else grey_matrix @ matrix
+    if matrix is None:
+        return x
+    return _apply_colour_matrix(x, matrix).clamp_(0, 1)
 
 
 def gaussian_blur(x: Tensor, sigma_max: float, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -392,7 +443,9 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.
     0.19 divides them by ``ln(1e6)``, so its ``bias`` equals about ``13.8 * bias`` here.
 
     Deconvolution, jitter and reconvolution are linear in optical density, so they fold into one 3x3
-    matrix and offset per sample: one log, one batched matrix product, one exp.
+    matrix and offset per sample: one log, one batched matrix product, one exp. Samples that are not
+    jittered get ``alpha = 1, beta = 0`` (an exact identity matrix), so they only go through the
+    log/exp round trip (float rounding; intensities below 1e-6 are raised to 1e-6).
 
     Args:
         x: float ``(B, 3, H, W)`` RGB in ``[0, 1]``.
@@ -401,28 +454,27 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.
         p: probability per sample.
         generator: source of randomness on ``x``'s device.
     """
-    if p <= 0 or (sigma <= 0 and bias <= 0):
+    if p <= 0:
         return x
     b = x.shape[0]
-    apply = _bernoulli(b, p, x, generator)
+    apply = _bernoulli(b, p, x, generator).view(-1, 1)
     alpha = _uniform((b, 2), 1 - sigma, 1 + sigma, x, generator)
     beta = _uniform((b, 2), -bias, bias, x, generator)
     zero = torch.zeros((b, 1), device=x.device, dtype=x.dtype)
-    alpha_minus_one = torch.cat([alpha - 1, zero], dim=1)  # DAB keeps factor 1
-    beta = torch.cat([beta, zero], dim=1)
+    alpha_minus_one = torch.where(apply, torch.cat([alpha - 1, zero], dim=1), 0.0)  # DAB keeps factor 1
+    beta = torch.where(apply, torch.cat([beta, zero], dim=1), 0.0)
 
-    rgb_from_hed64 = torch.tensor(_RGB_FROM_HED, dtype=torch.float64)
-    rgb_from_hed, hed_from_rgb = rgb_from_hed64.to(x), torch.linalg.inv(rgb_from_hed64).to(x)
+    rgb_from_hed, hed_from_rgb = _constant("rgb_from_hed", x), _constant("hed_from_rgb", x)
     # Row vectors: OD' = (OD @ hed_from_rgb) diag(alpha) @ rgb_from_hed + beta @ rgb_from_hed
     #                  = OD @ (I + hed_from_rgb diag(alpha - 1) rgb_from_hed) + beta @ rgb_from_hed.
-    # Writing the matrix as I + ... keeps alpha = 1 exactly the identity. Transposed for column pixels.
+    # Writing the matrix as I + ... keeps alpha = 1 exactly the identity. With log(rgb) = -OD the same
+    # matrix acts on log intensities and the offset changes sign; transposed for column pixels.
     row_matrix = torch.eye(3, device=x.device, dtype=x.dtype) + hed_from_rgb @ (
         alpha_minus_one.unsqueeze(-1) * rgb_from_hed
     )
-    offset = beta @ rgb_from_hed  # (B, 3)
-    density = -torch.log(x.clamp(min=_OD_EPS))
-    jittered = torch.exp(-_apply_colour_matrix(density, row_matrix.transpose(1, 2), offset)).clamp_(0, 1)
-    return torch.where(apply.view(-1, 1, 1, 1), jittered, x)
+    offset = -(beta @ rgb_from_hed)  # (B, 3)
+    log_rgb = x.clamp(min=_OD_EPS).log_()
+    return _apply_colour_matrix(log_rgb, row_matrix.transpose(1, 2), offset).exp_().clamp_(max=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,16 +509,16 @@ def random_view(x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generato
         if cfg.rot90:
             x = rotate90(x, torch.randint(0, 4, (x.shape[0],), generator=generator, device=x.device))
     x = hed_jitter(x, cfg.hed_jitter_sigma, cfg.hed_jitter_bias, cfg.hed_jitter_prob, generator)
-    x = color_jitter(
+    x = _colour_and_grey(
         x,
         cfg.color_jitter_brightness,
         cfg.color_jitter_contrast,
         cfg.color_jitter_saturation,
         cfg.color_jitter_hue,
         cfg.color_jitter_prob,
+        cfg.grayscale_prob,
         generator,
     )
-    x = random_grayscale(x, cfg.grayscale_prob, generator)
     return gaussian_blur(x, cfg.blur_sigma_max, cfg.blur_prob, generator)
 
 

@@ -150,24 +150,29 @@ def _ellipses(
         return np.zeros((size, size))
     half = int(np.ceil(max(rx.max(), ry.max()))) + 1
     offsets = np.arange(-half, half + 1)
-    oy, ox = np.meshgrid(offsets, offsets, indexing="ij")  # (w, w)
-    iy, ix = np.floor(cy).astype(int), np.floor(cx).astype(int)
-    py = iy[:, None, None] + oy  # (n, w, w) pixel rows
-    px = ix[:, None, None] + ox
-    ddy = py + 0.5 - cy[:, None, None]
-    ddx = px + 0.5 - cx[:, None, None]
+    # pixel (row, col) relative to each centre's pixel; centres may lie up to `half` outside the image,
+    # so draw on a canvas padded by 2 * half on each side and crop
+    iy = np.clip(np.floor(cy).astype(int), -half, size + half - 1)
+    ix = np.clip(np.floor(cx).astype(int), -half, size + half - 1)
+    frac_y = (iy + 0.5 - cy)[:, None, None]
+    frac_x = (ix + 0.5 - cx)[:, None, None]
+    ddy = offsets[None, :, None] + frac_y  # (n, w, 1)
+    ddx = offsets[None, None, :] + frac_x  # (n, 1, w)
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-    u = ddx * cos - ddy * sin  # along the major axis (angle counter-clockwise as seen)
-    v = ddx * sin + ddy * cos
-    dist = np.sqrt((u / rx[:, None, None]) ** 2 + (v / ry[:, None, None]) ** 2)
-    edge = 1.0 / np.maximum(np.minimum(rx, ry), 0.5)[:, None, None]  # about one pixel of soft edge
-    fill = np.clip((1.0 - dist) / edge + 0.5, 0.0, 1.0)
+    u = (ddx * cos - ddy * sin) / rx[:, None, None]  # along the major axis (angle counter-clockwise as seen)
+    v = (ddx * sin + ddy * cos) / ry[:, None, None]
+    dist = np.sqrt(u * u + v * v)  # (n, w, w)
+    edge = np.maximum(np.minimum(rx, ry), 0.5)[:, None, None]  # about one pixel of soft edge
+    fill = np.clip((1.0 - dist) * edge + 0.5, 0.0, 1.0)
     if rim > 0:
-        fill = fill * (1.0 - rim + rim * np.clip(dist, 0.0, 1.0) ** 2)
-    fill = fill * value[:, None, None]
-    inside = (py >= 0) & (py < size) & (px >= 0) & (px < size) & (fill > 0)
-    flat = (py * size + px)[inside]
-    return np.bincount(flat, weights=fill[inside], minlength=size * size).reshape(size, size)
+        fill *= 1.0 - rim + rim * np.minimum(dist, 1.0) ** 2
+    fill *= value[:, None, None]
+    padded = size + 4 * half
+    rows = (iy + 2 * half)[:, None, None] + offsets[None, :, None]
+    cols = (ix + 2 * half)[:, None, None] + offsets[None, None, :]
+    flat = (rows * padded + cols).ravel()
+    canvas = np.bincount(flat, weights=fill.ravel(), minlength=padded * padded).reshape(padded, padded)
+    return canvas[2 * half : 2 * half + size, 2 * half : 2 * half + size]
 
 
 def _nuclei(
@@ -233,8 +238,8 @@ def _tumour(rng: np.random.Generator, stain: SlideStain, size: int, s: float) ->
         ny = gy + ry * np.sin(phi) + offset * np.sin(phi)
         nx = gx + rx * np.cos(phi) + offset * np.cos(phi)
         gland_nuclei.append((ny, nx, -phi))  # long axis radial (columnar cells)
-    hx = _nuclei(rng, size, int(rng.integers(28, 42) * s * s), (1.7 * s, 2.6 * s), (1.2, 2.0),
-                 _direction(rng, stain), 0.6, (0.8, 1.3), rim=0.35)
+    hx = _nuclei(rng, size, int(rng.integers(45, 65) * s * s), (1.8 * s, 2.7 * s), (1.1, 1.8),
+                 _direction(rng, stain), 0.6, (0.9, 1.4), rim=0.35)
     for gy, gx, phi in gland_nuclei:
         n = len(gy)
         minor = rng.uniform(1.4 * s, 2.0 * s, n)
@@ -335,9 +340,9 @@ def _debris(rng: np.random.Generator, stain: SlideStain, size: int, s: float) ->
 
 def _background(rng: np.random.Generator, stain: SlideStain, size: int, s: float) -> Maps:
     """Glass: faint uneven mounting medium, dust, often a tissue edge at the bottom of the patch."""
-    haze = np.clip(_noise(rng, size, 12 * s), -1.0, None)
-    hx = 0.12 + 0.07 * haze
-    eosin = 0.16 + 0.10 * haze
+    haze = np.clip(_noise(rng, size, 10 * s), -1.0, None) + 0.3 * _noise(rng, size, 1.5 * s)
+    hx = 0.12 + 0.05 * haze
+    eosin = 0.16 + 0.08 * haze
     dust = _nuclei(rng, size, int(rng.integers(0, 4)), (0.5 * s, 1.0 * s), (1.0, 3.0), None, 0.0, (0.3, 0.8))
     hx = hx + dust
     edge = _edge(rng, size, s, 0.6)
