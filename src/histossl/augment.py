@@ -378,11 +378,12 @@ def _colour_and_grey(
             cos, sin = torch.cos(theta), torch.sin(theta)
             zero = torch.zeros_like(cos)
             # Rotation of the (I, Q) plane minus the identity, so that theta = 0 gives exactly I below.
+            # Clockwise in (I, Q), so that a positive shift turns red towards yellow as torchvision's.
             rot_minus_eye = torch.stack(
                 [
                     torch.stack([zero, zero, zero], -1),
-                    torch.stack([zero, cos - 1, -sin], -1),
-                    torch.stack([zero, sin, cos - 1], -1),
+                    torch.stack([zero, cos - 1, sin], -1),
+                    torch.stack([zero, -sin, cos - 1], -1),
                 ],
                 -2,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -179,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"histossl: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # disk full, read-only or vanished files, wherever a library hit them
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"histossl: error: {where}{err.strerror or err}; finished work is kept, rerun to resume", file=sys.stderr)
+        return 1
+    except pickle.UnpicklingError as err:  # a checkpoint carrying code, refused by weights_only loading
+        if args.debug:
+            raise
+        reason = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line), "")
+        print(f"histossl: error: refused to load a checkpoint or weights file that holds code or unsupported types"
+              f"{f' ({reason})' if reason else ''}; delete it to start that stage or run afresh", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("histossl: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -32,6 +32,11 @@ def append(path: Path, record: dict) -> None:
     """Append one record as a line; the line reaches the disk before this returns."""
     line = json.dumps(_clean(record), sort_keys=False) + "\n"
     try:
+        with open(path, "a+b") as f:  # a torn last line (no newline) must not swallow this record
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

@@ -65,7 +65,13 @@ def write_config(cfg: Config, out: Path) -> None:
     path = out / "config.yaml"
     new = config_mod.to_dict(cfg)
     if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
+        try:
+            old = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{path}: not a config written by histossl ({reason}); choose another --out") from None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{path}: not a config written by histossl; choose another --out")
         hardware = ("trainer", "name")
         diff = _first_difference({k: v for k, v in old.items() if k not in hardware}, {k: v for k, v in new.items() if k not in hardware})
         if diff:

@@ -112,10 +112,11 @@ class RngStateInCheckpoint:
 
 
 class EpochCSV(Callback):
-    """Writes ``pl_module.epoch_metrics`` (a dict set by the module each epoch) as one row of a CSV.
+    """Writes one CSV row per epoch from ``pl_module.summarize_epoch()`` (a dict of plain numbers).
 
-    Rows of epochs at or after the current one are dropped first, so a resumed run rewrites the
-    epochs it redoes instead of duplicating them. The file is replaced atomically.
+    Lightning calls callbacks before the module's own hook and moves checkpoint callbacks last, so
+    the row is on disk before the epoch's checkpoint. Rows of epochs at or after the current one are
+    dropped first: a resumed run rewrites the epochs it redoes instead of duplicating them.
     """
 
     def __init__(self, path: Path, columns: list[str]) -> None:
@@ -123,11 +124,10 @@ class EpochCSV(Callback):
         self.columns = columns
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = getattr(pl_module, "epoch_metrics", None)
-        if not trainer.is_global_zero or not metrics:
+        metrics = pl_module.summarize_epoch()  # every rank: the summary may all-reduce
+        if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        rows = read_csv(self.path)
-        rows = [r for r in rows if int(r["epoch"]) < metrics["epoch"]]
+        rows = [r for r in read_csv(self.path) if int(r["epoch"]) < metrics["epoch"]]
         rows.append({k: metrics.get(k, "") for k in self.columns})
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")

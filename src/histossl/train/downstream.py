@@ -92,7 +92,7 @@ class DownstreamModule(RngStateInCheckpoint, pl.LightningModule):
         self.register_buffer("_sums", torch.zeros(3), persistent=False)
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
-        self.epoch_metrics: dict = {}
+        self.val_metrics: dict = {}
 
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         if self.encoder is None:
@@ -132,17 +132,18 @@ class DownstreamModule(RngStateInCheckpoint, pl.LightningModule):
         for key, value in self.val_metrics.items():
             self.log(key, value, sync_dist=False)
 
-    def on_train_epoch_end(self) -> None:
+    def summarize_epoch(self) -> dict:
+        """Training loss/accuracy of the epoch (all processes) and the validation metrics."""
         sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")
+        self._sums.zero_()
         count = max(float(sums[2]), 1.0)
-        self.epoch_metrics = {
+        return {
             "epoch": self.current_epoch,
             "train_loss": float(sums[0]) / count,
             "train_acc": float(sums[1]) / count,
             "lr": self.optimizers().param_groups[-1]["lr"],
-            **getattr(self, "val_metrics", {}),
+            **self.val_metrics,
         }
-        self._sums.zero_()
 
     def configure_optimizers(self):
         d = self.cfg.downstream

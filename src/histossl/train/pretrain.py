@@ -102,7 +102,6 @@ class PretrainModule(RngStateInCheckpoint, pl.LightningModule):
         self.method = method
         self.optim = optim
         self.register_buffer("_sums", torch.zeros(3), persistent=False)
-        self.epoch_metrics: dict = {}
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
@@ -112,16 +111,17 @@ class PretrainModule(RngStateInCheckpoint, pl.LightningModule):
         self.log("pretext_acc", out.accuracy, prog_bar=True, on_step=True, on_epoch=False)
         return out.loss
 
-    def on_train_epoch_end(self) -> None:
+    def summarize_epoch(self) -> dict:
+        """The epoch's mean pretext loss and accuracy over every step of every process."""
         sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")
+        self._sums.zero_()
         count = max(float(sums[2]), 1.0)
-        self.epoch_metrics = {
+        return {
             "epoch": self.current_epoch,
             "pretext_loss": float(sums[0]) / count,
             "pretext_acc": float(sums[1]) / count,
             "lr": self.optimizers().param_groups[0]["lr"],
         }
-        self._sums.zero_()
 
     def configure_optimizers(self):
         o = self.optim

@@ -1,0 +1,261 @@
+"""Batched, per-sample augmentation: shapes, identities, per-sample independence, stain algebra."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from histossl import augment
+from histossl.config import ViewConfig
+
+# Every op switched off: random_view is then a plain resize.
+ALL_OFF = ViewConfig(
+    crop=False,
+    hflip=False,
+    vflip=False,
+    rot90=False,
+    color_jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    hed_jitter_prob=0.0,
+)
+# skimage.color.rgb_from_hed (Ruifrok & Johnston 2001), written out here as the test's own reference.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+
+
+def _images(batch: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth random colour images in (0, 1), ``(B, 3, size, size)``."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, 4, 4, generator=g)
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 0.8 + 0.1
+
+
+def _stained(batch: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """H&E-like RGB built from known HED concentrations: (rgb (B, 3, S, S), concentrations (B, 3, S, S))."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.rand(batch, 1, size, size, generator=g, dtype=torch.float64) * 0.7 + 0.15
+    e = torch.rand(batch, 1, size, size, generator=g, dtype=torch.float64) * 0.7 + 0.15
+    d = torch.rand(batch, 1, size, size, generator=g, dtype=torch.float64) * 0.2
+    conc = torch.cat([h, e, d], dim=1)
+    density = torch.einsum("bshw,sc->bchw", conc, RGB_FROM_HED)
+    return torch.exp(-density).float(), conc
+
+
+def _deconvolve(rgb: torch.Tensor) -> torch.Tensor:
+    """HED concentrations of ``(B, 3, H, W)`` RGB, the naive way (float64)."""
+    density = -torch.log(rgb.double().clamp(min=1e-6))
+    return torch.einsum("bchw,cs->bshw", density, torch.linalg.inv(RGB_FROM_HED))
+
+
+def test_to_float_and_normalize():
+    images = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    x = augment.to_float(images)
+    assert x.shape == (2, 3, 5, 6) and x.dtype == torch.float32
+    assert torch.allclose(x[1, 2], images[1, :, :, 2].float() / 255)
+    normalized = augment.normalize(x)
+    assert torch.allclose(normalized[:, 0], (x[:, 0] - 0.485) / 0.229)
+
+
+def test_random_view_default_shapes_and_range():
+    x = _images(batch=16, size=48)
+    out = augment.random_view(x, ViewConfig(), 32, torch.Generator().manual_seed(0))
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.isfinite(out).all()
+
+
+def test_random_view_all_off_is_plain_resize():
+    x = _images(batch=4, size=48)
+    expected = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(augment.random_view(x, ALL_OFF, 32), expected, atol=1e-6)
+    assert torch.equal(augment.random_view(x, ALL_OFF, 48), x)
+
+
+def test_views_differ_per_sample_and_reproduce_with_a_seed():
+    x = _images(batch=1, size=32).expand(64, 3, 32, 32).contiguous()
+    cfg = ViewConfig()
+    out = augment.random_view(x, cfg, 32, torch.Generator().manual_seed(1))
+    distinct = {tuple(v.flatten()[::97].mul(1e4).round().tolist()) for v in out}
+    assert len(distinct) >= 60  # 64 copies of one image, (almost) all different views
+    again = augment.random_view(x, cfg, 32, torch.Generator().manual_seed(1))
+    other = augment.random_view(x, cfg, 32, torch.Generator().manual_seed(2))
+    assert torch.equal(out, again)
+    assert not torch.allclose(out, other)
+
+
+def test_rotate90_matches_torch_rot90_per_sample():
+    x = torch.rand(8, 3, 5, 5)
+    k = torch.tensor([0, 1, 2, 3, -1, 5, 2, 1])
+    out = augment.rotate90(x, k)
+    for i in range(8):
+        assert torch.equal(out[i], torch.rot90(x[i], int(k[i]), dims=(-2, -1)))
+    with pytest.raises(ValueError):
+        augment.rotate90(torch.rand(2, 3, 4, 5), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("flip, dim", [("hflip", -1), ("vflip", -2)])
+def test_flips_per_sample(flip, dim):
+    x = torch.rand(32, 3, 8, 8)
+    out = augment.random_view(x, dataclasses.replace(ALL_OFF, **{flip: True}), 8, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, xi.flip(dim)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert (flipped | kept).all()
+    assert 4 <= flipped.sum() <= 28
+
+
+def test_crop_grid_flips_and_quarter_turns_are_the_eight_symmetries():
+    # Full-image crop (scale 1, ratio 1): the sampling grid only flips and rotates, at pixel centres.
+    cfg = dataclasses.replace(ALL_OFF, crop=True, crop_scale_min=1.0, crop_ratio_max=1.0, hflip=True, vflip=True, rot90=True)
+    x = torch.rand(64, 3, 8, 8)
+    out = augment.random_view(x, cfg, 8, torch.Generator().manual_seed(0))
+    symmetries = [lambda t, k=k: torch.rot90(t, k, (-2, -1)) for k in range(4)]
+    symmetries += [lambda t, k=k: torch.rot90(t.flip(-1), k, (-2, -1)) for k in range(4)]
+    seen = set()
+    for o, xi in zip(out, x):
+        match = [j for j, s in enumerate(symmetries) if torch.allclose(o, s(xi), atol=1e-5)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == set(range(8))
+
+
+def test_random_resized_crop_full_box_is_plain_resize():
+    for size_in, size_out in [(48, 32), (32, 48), (32, 32)]:
+        x = _images(batch=4, size=size_in)
+        out = augment.random_resized_crop(x, size_out, (1.0, 1.0), (1.0, 1.0))
+        expected = F.interpolate(x, size=(size_out, size_out), mode="bilinear", align_corners=False)
+        assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_crop_boxes_fit_and_follow_the_scale_range():
+    x = torch.zeros(512, 3, 40, 60)
+    boxes = augment._crop_boxes(x, (0.3, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all()
+    assert (x0 + w <= 60 + 1e-3).all() and (y0 + h <= 40 + 1e-3).all()
+    area = w * h / (40 * 60)
+    assert area.min() >= 0.3 - 1e-4 and area.max() <= 0.6 + 1e-4
+    ratio = w / h
+    assert ratio.min() >= 3 / 4 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
+    assert x0.std() > 1 and area.std() > 0.05  # independent per sample
+
+
+def test_hed_jitter_without_noise_is_the_identity():
+    rgb, _ = _stained(4, 16)
+    out = augment.hed_jitter(rgb, sigma=0.0, bias=0.0, p=1.0)
+    assert (out - rgb).abs().max() < 1e-3
+    assert torch.equal(augment.hed_jitter(rgb, 0.5, 0.5, p=0.0), rgb)
+
+
+def test_hed_jitter_moves_h_and_e_affinely_and_keeps_dab():
+    rgb, conc = _stained(16, 16)
+    sigma, bias = 0.05, 0.05
+    out = augment.hed_jitter(rgb, sigma, bias, p=1.0, generator=torch.Generator().manual_seed(0))
+    before, after = _deconvolve(rgb), _deconvolve(out)
+    assert torch.allclose(before, conc, atol=1e-4)  # the test's own deconvolution is right
+    assert torch.allclose(after[:, 2], before[:, 2], atol=1e-3)  # DAB untouched
+    assert (after[:, :2] - before[:, :2]).abs().amax() > 0.02  # H and E moved
+    # Per sample and stain, after = alpha * before + beta exactly, with alpha, beta in their ranges.
+    slopes = []
+    for stain in (0, 1):
+        c, c_new = before[:, stain].flatten(1), after[:, stain].flatten(1)
+        design = torch.stack([c, torch.ones_like(c)], dim=-1)  # (B, N, 2)
+        fit = torch.linalg.lstsq(design, c_new.unsqueeze(-1)).solution.squeeze(-1)  # (B, 2)
+        residual = (design @ fit.unsqueeze(-1)).squeeze(-1) - c_new
+        assert residual.abs().max() < 1e-3
+        assert ((fit[:, 0] - 1).abs() <= sigma + 1e-3).all() and (fit[:, 1].abs() <= bias + 1e-3).all()
+        slopes.append(fit[:, 0])
+    assert torch.stack(slopes).std(dim=1).min() > 0.01  # independent per sample
+
+
+def test_color_jitter_identities_and_per_sample_gate():
+    x = _images(batch=64, size=8)
+    assert torch.equal(augment.color_jitter(x, 0.0, 0.0, 0.0, 0.0, p=1.0), x)
+    assert torch.equal(augment.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.0), x)
+    out = augment.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.5, generator=torch.Generator().manual_seed(0))
+    unchanged = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert 16 <= unchanged.sum() <= 48  # not jittered: bit-exact; jittered: changed
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_hue_rotation_keeps_luma_and_changes_colour():
+    x = torch.rand(16, 3, 8, 8) * 0.2 + 0.4  # mid-range colours: no clamping
+    out = augment.color_jitter(x, 0.0, 0.0, 0.0, 0.2, p=1.0, generator=torch.Generator().manual_seed(0))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    assert torch.allclose((out * luma).sum(1), (x * luma).sum(1), atol=1e-5)
+    assert (out - x).abs().amax() > 0.01
+
+
+def test_brightness_scales_each_sample_by_one_factor():
+    x = torch.rand(32, 3, 8, 8) * 0.5 + 0.1  # factors up to 1.5 stay below 1
+    out = augment.color_jitter(x, 0.5, 0.0, 0.0, 0.0, p=1.0, generator=torch.Generator().manual_seed(0))
+    ratio = (out / x).flatten(1)
+    assert (ratio.std(dim=1) < 1e-5).all()
+    assert ratio[:, 0].min() >= 0.5 - 1e-5 and ratio[:, 0].max() <= 1.5 + 1e-5 and ratio[:, 0].std() > 0.1
+
+
+def test_grayscale_equal_channels_where_applied():
+    x = _images(batch=64, size=8)
+    assert torch.equal(augment.random_grayscale(x, 0.0), x)
+    out = augment.random_grayscale(x, 0.5, torch.Generator().manual_seed(0))
+    grey = torch.tensor([torch.equal(o[0], o[1]) and torch.equal(o[1], o[2]) for o in out])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert (grey ^ kept).all() and 16 <= grey.sum() <= 48
+    # The grey level is the luma of the input.
+    luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    assert torch.allclose(out[grey, 0], luma[grey], atol=1e-6)
+
+
+def test_random_view_folded_grayscale_is_grey():
+    # In random_view the grayscale matrix is multiplied into the colour matrix: check that path too.
+    x = _images(batch=8, size=16)
+    cfg = dataclasses.replace(ALL_OFF, grayscale_prob=1.0, color_jitter_prob=1.0)
+    out = augment.random_view(x, cfg, 16, torch.Generator().manual_seed(0))
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-6) and torch.allclose(out[:, 1], out[:, 2], atol=1e-6)
+
+
+def test_gaussian_blur_removes_high_frequencies():
+    checker = ((torch.arange(16).view(16, 1) + torch.arange(16).view(1, 16)) % 2).float()
+    x = checker.expand(8, 3, 16, 16).contiguous()
+    out = augment.gaussian_blur(x, sigma_max=2.0, p=1.0, generator=torch.Generator().manual_seed(0))
+
+    def high_frequency_energy(t: torch.Tensor) -> torch.Tensor:
+        return (t[..., :, 1:] - t[..., :, :-1]).pow(2).mean(dim=(1, 2, 3))
+
+    # sigma ~ U(0.1, 2): a small sigma barely blurs, so no sample gains energy and most lose most of it.
+    ratio = high_frequency_energy(out) / high_frequency_energy(x)
+    assert (ratio <= 1 + 1e-5).all() and (ratio < 0.1).sum() >= 4
+    assert torch.equal(augment.gaussian_blur(x, 2.0, p=0.0), x)
+    flat = torch.full((4, 3, 16, 16), 0.3)
+    assert torch.allclose(augment.gaussian_blur(flat, 2.0, p=1.0), flat, atol=1e-6)  # kernels sum to 1
+    # Not blurred: a unit impulse, bit-exact.
+    partial = augment.gaussian_blur(x, 2.0, p=0.5, generator=torch.Generator().manual_seed(0))
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(partial, x)])
+    assert 0 < kept.sum() < 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_random_view_on_cuda_without_host_syncs():
+    x = _images(batch=16, size=32).cuda()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    augment.random_view(x, ViewConfig(), 32, generator)  # first call copies the constants to the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = augment.random_view(x, ViewConfig(), 24, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (16, 3, 24, 24) and out.device.type == "cuda"
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_rotations_of_a_square_keep_pixels():
+    # rot90 in random_view without a crop: the exact permutation path.
+    cfg = dataclasses.replace(ALL_OFF, rot90=True)
+    x = torch.rand(32, 3, 6, 6)
+    out = augment.random_view(x, cfg, 6, torch.Generator().manual_seed(0))
+    turns = [
+        next(k for k in range(4) if torch.equal(o, torch.rot90(xi, k, (-2, -1)))) for o, xi in zip(out, x)
+    ]
+    assert len(set(turns)) == 4
+    assert math.isclose(out.sum().item(), x.sum().item(), rel_tol=1e-6)

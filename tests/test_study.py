@@ -1,0 +1,161 @@
+"""The study end to end on a tiny synthetic set: records, report, model selection, frozen vs fine-tune."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from histossl import config, records, study
+from histossl.cli import main
+from histossl.train import downstream
+
+TINY = [
+    "image_size=16",
+    "synth.n_groups=4",
+    "synth.per_class_per_group=6",
+    "synth.image_size=16",
+    "synth.classes=[tumour, stroma, adipose]",
+    "split.val_fraction=0.25",
+    "split.test_fraction=0.25",
+    "pretrain.epochs=1",
+    "pretrain.batch_size=8",
+    "encoders.rotnet.method=rotnet",
+    "encoders.simclr.method=simclr",
+    "downstream.fractions=[0.5, 1.0]",
+    "downstream.lr_schedules=[cosine]",
+    "downstream.epochs=2",
+    "downstream.frozen_epochs=3",
+    "downstream.batch_size=8",
+    "trainer.progress=false",
+]
+
+
+def tiny_config(*extra: str) -> config.Config:
+    return config.load(None, TINY + list(extra))
+
+
+def study_args(out: Path, *extra: str) -> list[str]:
+    empty = out.parent / f"{out.name}.yaml"
+    empty.write_text("name: tiny\n")
+    return ["study", str(empty), "--out", str(out), *sum((["--set", s] for s in TINY + list(extra)), [])]
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert main(study_args(out)) == 0
+    return out
+
+
+def test_study_writes_contract_outputs(finished_study):
+    out = finished_study
+    recs = records.load(out / "results.jsonl")
+    # 2 encoders x 2 modes x 2 fractions, and the supervised baseline at 2 fractions
+    assert len(recs) == 10
+    assert len({r["run"] for r in recs}) == 10
+    fields = ["method", "pretrain_chain", "mode", "label_fraction", "n_labeled", "lr", "lr_schedule", "seed", "epochs",
+              "best_epoch", "test_loss", "test_acc", "test_balanced_acc", "test_macro_f1", "test_auroc", "n_test", "wall_s"]
+    for r in recs:
+        assert all(f in r for f in fields), r
+        assert (out / r["run"] / "metrics.csv").is_file()
+    assert {r["method"] for r in recs} == {"rotnet", "simclr", "supervised"}
+    assert {r["pretrain_chain"] for r in recs} == {"target", "none"}
+    for stage in (out / "pretrain").iterdir():
+        assert (stage / "encoder.safetensors").is_file() and (stage / "metrics.csv").is_file()
+        assert (stage / "checkpoints" / "last.ckpt").is_file()
+    cfg_text = (out / "config.yaml").read_text()
+    assert "select_metric" in cfg_text  # every default filled in
+    report = (out / "report.md").read_text()
+    assert "rotnet" in report and "supervised" in report and " / " in report
+
+
+def test_fractions_follow_the_saved_subsets(finished_study):
+    out = finished_study
+    subsets = json.loads((out / "subsets.json").read_text())["0"]
+    small, full = set(subsets["0.5"]["paths"]), set(subsets["1.0"]["paths"])
+    assert small < full
+    by_fraction = {r["label_fraction"]: r["n_labeled"] for r in records.load(out / "results.jsonl")}
+    assert by_fraction == {0.5: len(small), 1.0: len(full)}
+
+
+def test_rerun_redoes_nothing_and_report_rebuilds_identically(finished_study, capsys):
+    out = finished_study
+    before = (out / "results.jsonl").read_text()
+    report = (out / "report.md").read_text()
+    assert main(study_args(out)) == 0
+    assert (out / "results.jsonl").read_text() == before
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
+
+
+def test_changed_config_refuses_to_mix_into_the_same_folder(finished_study, capsys):
+    assert main(study_args(finished_study, "downstream.epochs=3")) == 2
+    assert "downstream.epochs" in capsys.readouterr().err
+
+
+def _target(cfg, out):
+    data, subsets = study.target_data(cfg, study.load_dataset(cfg, cfg.target, out), out)
+    return data, subsets
+
+
+def _spec(out: Path, mode: str, init: str) -> downstream.RunSpec:
+    return downstream.RunSpec(
+        name=f"x__{mode}", encoder="x", method="rotnet", pretrain_chain="target", pretrain_dir=None,
+        init=init, mode=mode, lr_schedule="cosine", label_fraction=1.0, seed=0,
+    )
+
+
+def _encoder_file(out: Path) -> str:
+    return str(next((out / "pretrain").glob("rotnet_*")) / "encoder.safetensors")
+
+
+def test_frozen_leaves_encoder_unchanged_finetune_changes_it(finished_study, tmp_path, monkeypatch):
+    cfg = tiny_config()
+    data, subsets = _target(cfg, finished_study)
+    encoder_file = _encoder_file(finished_study)
+    built = []
+    real_build = downstream.build_encoder
+
+    def spy(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(downstream, "build_encoder", spy)
+    from safetensors.torch import load_file
+
+    start = load_file(encoder_file)
+    for mode in ("frozen", "finetune"):
+        built.clear()
+        downstream.run(cfg, _spec(tmp_path, mode, encoder_file), data, subsets[0][1.0], tmp_path / mode)
+        trained = {k.removeprefix("net."): v for k, v in built[0].state_dict().items()}
+        changed = any(not torch.equal(start[k], trained[k]) for k in start if k.endswith("weight"))
+        assert changed == (mode == "finetune"), mode
+    assert all(torch.equal(v, load_file(encoder_file)[k]) for k, v in start.items())
+
+
+def test_test_labels_cannot_influence_model_selection(finished_study, tmp_path):
+    cfg = tiny_config("downstream.epochs=3")
+    data, subsets = _target(cfg, finished_study)
+    spec = _spec(tmp_path, "finetune", _encoder_file(finished_study))
+    first = downstream.run(cfg, spec, data, subsets[0][1.0], tmp_path / "a")
+    labels = data.labels.copy()
+    rng = np.random.default_rng(0)
+    labels[data.test] = (labels[data.test] + 1 + rng.integers(0, 2, len(data.test))) % 3  # every test label wrong
+    shuffled = dataclasses.replace(data, labels=labels)
+    second = downstream.run(cfg, spec, shuffled, subsets[0][1.0], tmp_path / "b")
+    assert second["best_epoch"] == first["best_epoch"]
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+    assert second["test_acc"] != first["test_acc"]
+
+
+def test_seed_report_config_parses():
+    cfg = config.load(Path(__file__).parents[1] / "configs" / "seed-report.yaml")
+    assert cfg.backbone.name == "resnet50" and cfg.image_size == 224
+    assert {e.method for e in cfg.encoders.values()} == {"rotnet", "rotnet_jitter", "simclr"}
+    chains = {">".join(([e.init] if e.init != "random" else []) + e.chain) for e in cfg.encoders.values() if e.method == "simclr"}
+    assert chains == {"imagenet>target", "other", "imagenet>other", "other>target", "imagenet>other>target"}
+    assert cfg.downstream.fractions == [0.05, 0.25, 0.5, 1.0] and cfg.downstream.constant_lr == 5e-6
