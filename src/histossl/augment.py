@@ -10,7 +10,7 @@ or a GPU. The only Python branches look at Python numbers from the config: an op
 torchvision's v2 transforms draw one parameter set per call (one crop, one jitter for the whole batch);
 SimCLR needs two independent views per image and RotNet+Jitter a different jitter per rotated copy,
 so the per-sample parameter logic is written here and the pixel work is done by batched primitives
-(``affine_grid``/``grid_sample``, batched 3x3 colour matrices, grouped convolution).
+(one ``grid_sample``, batched 3x3 colour matrices, grouped convolution).
 
 Every random draw goes through ``generator`` when one is given (a ``torch.Generator`` on the batch's
 device), so a view is reproducible from a seed.

@@ -28,6 +28,7 @@ from histossl.data.splits import label_subsets, load_or_make_split
 from histossl.data.synth import synthesize
 from histossl.errors import ConfigError, DataError, HistosslError
 from histossl.io import atomic_write_json, atomic_write_text
+from histossl.models.backbones import imagenet_weights_path
 from histossl.train import downstream, pretrain
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,9 @@ def run_specs(cfg: Config, encoders: dict[str, pretrain.Stage], out: Path) -> li
                     )
                 )
     for init in d.baselines:
+        if init == "imagenet" and not imagenet_weights_path(cfg.backbone.name).is_file():
+            log.warning("supervised baseline from imagenet skipped: no weights at %s", imagenet_weights_path(cfg.backbone.name))
+            continue
         name = "supervised" if init == "random" else f"supervised_{pretrain.init_label(init)}"
         for schedule, fraction, seed in grid:
             specs.append(

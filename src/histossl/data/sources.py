@@ -117,12 +117,26 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop (ELOOP) or an entry that vanished: not an image we can use
+        return False
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if _is_image_name(e.name) and e.is_file()]
+    return [Path(e.path) for e in _visible_entries(folder) if _is_image_name(e.name) and _is_file(e)]
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return [Path(e.path) for e in _visible_entries(folder) if e.is_dir()]
+    return [Path(e.path) for e in _visible_entries(folder) if _is_dir(e)]
 
 
 def _index_folder(root: Path) -> tuple[ImageIndex, list[str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from histossl.config import TrainerConfig
 from histossl.errors import ConfigError
 from histossl.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 class ArrayBatches(Dataset):
@@ -119,9 +122,10 @@ class EpochCSV(Callback):
     dropped first: a resumed run rewrites the epochs it redoes instead of duplicating them.
     """
 
-    def __init__(self, path: Path, columns: list[str]) -> None:
+    def __init__(self, path: Path, columns: list[str], verbose: bool = True) -> None:
         self.path = Path(path)
         self.columns = columns
+        self.verbose = verbose
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = pl_module.summarize_epoch()  # every rank: the summary may all-reduce
@@ -135,6 +139,9 @@ class EpochCSV(Callback):
         for row in rows:
             writer.writerow({k: _fmt(row.get(k, "")) for k in self.columns})
         atomic_write_text(self.path, buffer.getvalue())
+        if self.verbose and not trainer.progress_bar_callback:  # without a bar, one line per epoch shows progress
+            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("epoch", "lr") and v != "")
+            log.info("%s epoch %d/%d: %s", self.path.parent.name, metrics["epoch"] + 1, trainer.max_epochs, shown)
 
 
 def _fmt(value) -> str:

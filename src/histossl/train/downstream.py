@@ -232,7 +232,7 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     trainer = make_trainer(
         cfg.trainer if spec.mode == "finetune" else frozen_trainer(cfg),
         epochs,
-        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS), checkpoint],
+        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=spec.mode == "finetune"), checkpoint],
         run_dir,
         validate=True,
     )
