@@ -32,6 +32,7 @@ from histossl.train.pretrain import plan_stages
 REPO = Path(__file__).resolve().parents[1]
 HISTOSSL = [sys.executable, "-m", "histossl"]
 
+EPOCHS = 5  # of pretraining: the kill lands after epoch 1 is saved, with epochs left to run
 # Tiny: 4 slides x 8 images x 3 classes of 16 px; about 48 training images, 6 steps an epoch.
 TINY = {
     "name": "reliability",
@@ -40,7 +41,7 @@ TINY = {
     "datasets": {"target": {"synthetic": True}},
     "synth": {"n_groups": 4, "per_class_per_group": 8, "image_size": 16, "classes": ["tumour", "stroma", "adipose"]},
     "split": {"val_fraction": 0.25, "test_fraction": 0.25},
-    "pretrain": {"epochs": 3, "batch_size": 8},
+    "pretrain": {"epochs": EPOCHS, "batch_size": 8},
     "encoders": {"rotnet": {"method": "rotnet"}},
     "downstream": {
         "fractions": [0.5, 1.0],
@@ -115,7 +116,7 @@ def env(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def killed_pretrain(tmp_path_factory, env) -> dict:
-    """``histossl pretrain`` killed with SIGKILL in its last epoch, with a second process tried while it
+    """``histossl pretrain`` killed with SIGKILL mid-way, with a second process tried while it
     runs, then run again to the end. What each step saw is returned for the tests below."""
     root = tmp_path_factory.mktemp("killed")
     cfg, out = write_config(root / "study.yaml"), root / "out"
@@ -125,6 +126,7 @@ def killed_pretrain(tmp_path_factory, env) -> dict:
     # metrics.csv appears once an epoch has been written (and last.ckpt with it): kill in a later epoch.
     wait_for(lambda: (stage / "metrics.csv").is_file() and (stage / "checkpoints" / "last.ckpt").is_file(), first, "an epoch was saved")
     seen["lock_text"] = (out / ".lock").read_text()
+    assert first.poll() is None, "pretraining finished before it could be killed; give it more steps"
     # A second process on the same folder while the first runs (here: main() in this process).
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
@@ -153,10 +155,10 @@ def test_pretrain_killed_mid_epoch_resumes_from_last_checkpoint(killed_pretrain)
     after = (k["stage"] / "metrics.csv").read_text().splitlines()
     assert len(before) >= 2 and after[: len(before)] == before  # rows written before the kill survive unchanged
     epochs = [int(line.split(",")[0]) for line in after[1:]]
-    if epochs != list(range(3)):
+    if epochs != list(range(EPOCHS)):
         # EpochCSV runs before the module's on_train_epoch_end (Lightning calls non-checkpoint
         # callbacks first), so each row lags an epoch and the last epoch is never written.
-        pytest.xfail(f"metrics.csv lists epochs {epochs}, not 0..2 (EpochCSV hook order, train/common.py)")
+        pytest.xfail(f"metrics.csv lists epochs {epochs}, not 0..{EPOCHS - 1} (EpochCSV hook order, train/common.py)")
 
 
 def test_second_process_on_same_folder_is_refused_and_a_kill_leaves_no_stuck_lock(killed_pretrain):

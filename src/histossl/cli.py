@@ -158,21 +158,42 @@ COMMANDS = {
 }
 
 
-def quiet_libraries(debug: bool) -> None:
-    """Lightning's banners (GPU available: False, ...) and hints are noise in a study's log."""
+class _QuietLibraries(logging.Filter):
+    """Drops Lightning's info banners (GPU available: False, tips, ...) unless --debug is given."""
+
+    NAMES = ("pytorch_lightning", "lightning", "lightning_fabric", "lightly")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(self.NAMES)
+
+
+def quiet_libraries(debug: bool, trains: bool) -> None:
+    """Our log lines on stderr with a time stamp; library chatter only with --debug.
+
+    Lightning installs its own handler and level when imported, so the filter sits on every handler
+    (ours and, once imported, Lightning's) rather than on a logger level that its import resets.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("histossl").setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug:
-        for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightly"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", module="pytorch_lightning")
-        warnings.filterwarnings("ignore", module="lightning_fabric")
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if debug:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
+    if not trains:
+        return
+    import pytorch_lightning  # noqa: F401 - so that its handler exists and can be filtered too
+
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_QuietLibraries())
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    warnings.filterwarnings("ignore", module="lightning_fabric")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    quiet_libraries(args.debug)
+    quiet_libraries(args.debug, trains=args.command in ("demo", "study", "pretrain", "evaluate"))
     try:
         COMMANDS[args.command](args)
     except HistosslError as err:
