@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import yaml
 
 from histossl import config as config_mod
 from histossl import records
+from histossl import study as _study  # noqa: F401 - imported now so main() reaches the lock at once
 from histossl.cli import main
 from histossl.errors import HistosslError
 from histossl.train.pretrain import plan_stages
@@ -32,7 +34,7 @@ from histossl.train.pretrain import plan_stages
 REPO = Path(__file__).resolve().parents[1]
 HISTOSSL = [sys.executable, "-m", "histossl"]
 
-EPOCHS = 5  # of pretraining: the kill lands after epoch 1 is saved, with epochs left to run
+EPOCHS = 4  # of pretraining: the kill lands after epoch 1 is saved, with epochs left to run
 # Tiny: 4 slides x 8 images x 3 classes of 16 px; about 48 training images, 6 steps an epoch.
 TINY = {
     "name": "reliability",
@@ -73,6 +75,30 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("histossl: error:")]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+@contextlib.contextmanager
+def captured():
+    """stderr and histossl's log messages of main() run in this process, as one growing string list."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("histossl")
+    logger.addHandler(handler)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            yield seen
+    finally:
+        logger.removeHandler(handler)
+        seen.append(stderr.getvalue())
+
+
+def rerun(*argv) -> tuple[int, str]:
+    """``histossl ARGV`` run again in this process (no second interpreter start-up)."""
+    with captured() as seen:
+        code = main([str(a) for a in argv])
+    return code, "\n".join(seen)
 
 
 def start(*argv: str, env: dict) -> subprocess.Popen:
@@ -128,16 +154,13 @@ def killed_pretrain(tmp_path_factory, env) -> dict:
     seen["lock_text"] = (out / ".lock").read_text()
     assert first.poll() is None, "pretraining finished before it could be killed; give it more steps"
     # A second process on the same folder while the first runs (here: main() in this process).
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        seen["second"] = (main(["study", str(cfg), "--out", str(out)]), stderr.getvalue())
+    seen["second"] = rerun("study", cfg, "--out", out)
     assert first.poll() is None, "pretraining finished before it could be killed; give it more steps"
     kill9(first)
     seen["csv_before"] = (stage / "metrics.csv").read_text()
     seen["ckpt_epoch_before"] = torch.load(stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"]
     seen["encoder_before"] = (stage / "encoder.safetensors").exists()
-    rerun = subprocess.run([*HISTOSSL, "pretrain", cfg, "--out", out], cwd=REPO, env=env, capture_output=True, text=True)
-    seen["rerun"] = (rerun.returncode, rerun.stderr)
+    seen["rerun"] = rerun("pretrain", cfg, "--out", out)
     return seen
 
 
@@ -183,10 +206,10 @@ def test_study_killed_midway_redoes_no_recorded_run(killed_pretrain, env):
     assert 1 <= len(before) < 4, "the study finished before it could be killed"
     with open(results, "a") as f:  # what a kill in the middle of an append leaves
         f.write('{"method": "rotnet", "mode": "fro')
-    rerun = subprocess.run([*HISTOSSL, "study", cfg, "--out", out], cwd=REPO, env=env, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "Traceback" not in rerun.stderr
-    assert "incomplete or corrupt" in rerun.stderr and "will be redone" in rerun.stderr
+    code, stderr = rerun("study", cfg, "--out", out)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert "incomplete or corrupt" in stderr and "will be redone" in stderr
     after = complete_lines(results)
     assert after[: len(before)] == before  # recorded runs were neither redone nor rewritten
     final = [json.loads(line) for line in after]

@@ -156,6 +156,10 @@ def test_seed_report_config_parses():
     cfg = config.load(Path(__file__).parents[1] / "configs" / "seed-report.yaml")
     assert cfg.backbone.name == "resnet50" and cfg.image_size == 224
     assert {e.method for e in cfg.encoders.values()} == {"rotnet", "rotnet_jitter", "simclr"}
-    chains = {">".join(([e.init] if e.init != "random" else []) + e.chain) for e in cfg.encoders.values() if e.method == "simclr"}
+    chains = {
+        ">".join(([e.init] if e.init != "random" else []) + config.encoder_chain(cfg, e))
+        for e in cfg.encoders.values()
+        if e.method == "simclr"
+    }
     assert chains == {"imagenet>target", "other", "imagenet>other", "other>target", "imagenet>other>target"}
     assert cfg.downstream.fractions == [0.05, 0.25, 0.5, 1.0] and cfg.downstream.constant_lr == 5e-6

@@ -56,6 +56,9 @@ _OD_EPS = 1e-6
 _TABLES = {
     "imagenet_mean": torch.tensor(IMAGENET_MEAN, dtype=torch.float64),
     "imagenet_std": torch.tensor(IMAGENET_STD, dtype=torch.float64),
+    # normalize as one fused pass, x * (1 / std) + (-mean / std)
+    "imagenet_inv_std": 1 / torch.tensor(IMAGENET_STD, dtype=torch.float64),
+    "imagenet_shift": -torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / torch.tensor(IMAGENET_STD, dtype=torch.float64),
     "luma": torch.tensor(_LUMA, dtype=torch.float64),
     "rgb_to_yiq": torch.tensor(_RGB_TO_YIQ, dtype=torch.float64),
     "yiq_to_rgb": torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)),
@@ -82,10 +85,10 @@ def to_float(batch: Tensor) -> Tensor:
 
 
 def normalize(x: Tensor) -> Tensor:
-    """ImageNet mean/std normalisation of a float ``(B, 3, H, W)`` batch in ``[0, 1]``."""
-    mean = _constant("imagenet_mean", x).view(1, 3, 1, 1)
-    std = _constant("imagenet_std", x).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """ImageNet mean/std normalisation of a float ``(B, 3, H, W)`` batch in ``[0, 1]`` (one pass)."""
+    scale = _constant("imagenet_inv_std", x).view(1, 3, 1, 1)
+    shift = _constant("imagenet_shift", x).view(1, 3, 1, 1)
+    return torch.addcmul(shift, x, scale)
 
 
 def _constant(name: str, x: Tensor) -> Tensor:
@@ -110,6 +113,16 @@ def _uniform(shape: tuple[int, ...], low: float, high: float, x: Tensor, generat
 def _bernoulli(batch: int, p: float, x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Boolean ``(batch,)`` gate, True with probability ``p`` per sample."""
     return torch.rand((batch,), generator=generator, device=x.device) < p
+
+
+def _selected(apply: Tensor) -> Tensor | None:
+    """Indices of the samples a ``(B,)`` gate selects when the batch is on a CPU, else None.
+
+    On a CPU reading the gate is free (no device to wait for), so an op applied with probability p
+    runs on the selected samples only, which leaves the others bit-exact and saves ``1 - p`` of its
+    work; on a GPU the masked form is kept, so a step stays free of host syncs.
+    """
+    return apply.nonzero().squeeze(1) if apply.device.type == "cpu" else None
 
 
 def _apply_colour_matrix(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
@@ -423,13 +436,22 @@ def gaussian_blur(x: Tensor, sigma_max: float, p: float, generator: torch.Genera
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-(taps**2) / (2 * sigma.view(-1, 1) ** 2))
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    chosen = _selected(apply)
+    if chosen is not None:  # CPU: blur only the selected samples (p = 0.2 of them by default)
+        return x if len(chosen) == 0 else x.index_copy(0, chosen, _separable_blur(x[chosen], kernel[chosen], radius))
     impulse = (taps == 0).to(x.dtype).expand_as(kernel)
-    kernel = torch.where(apply.view(-1, 1), kernel, impulse)  # (B, K)
-    kernel = kernel.repeat_interleave(c, dim=0)  # (B * C, K): one kernel per (sample, channel) group
-    y = F.pad(x, (radius, radius, radius, radius), mode="reflect").view(1, b * c, h + 2 * radius, w + 2 * radius)
-    y = F.conv2d(y, kernel.view(b * c, 1, 1, -1), groups=b * c)
-    y = F.conv2d(y, kernel.view(b * c, 1, -1, 1), groups=b * c)
-    return y.view(b, c, h, w)
+    return _separable_blur(x, torch.where(apply.view(-1, 1), kernel, impulse), radius)
+
+
+def _separable_blur(x: Tensor, kernel: Tensor, radius: int) -> Tensor:
+    """Reflect-pad ``x`` ``(N, C, H, W)`` and convolve each sample with its 1-D ``kernel[n]`` ``(N, K)``
+    along the width then the height (grouped convolutions, one group per (sample, channel))."""
+    n, c, h, w = x.shape
+    kernel = kernel.repeat_interleave(c, dim=0)  # (N * C, K)
+    y = F.pad(x, (radius, radius, radius, radius), mode="reflect").view(1, n * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
 
 
 def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -445,8 +467,9 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.
 
     Deconvolution, jitter and reconvolution are linear in optical density, so they fold into one 3x3
     matrix and offset per sample: one log, one batched matrix product, one exp. Samples that are not
-    jittered get ``alpha = 1, beta = 0`` (an exact identity matrix), so they only go through the
-    log/exp round trip (float rounding; intensities below 1e-6 are raised to 1e-6).
+    jittered get ``alpha = 1, beta = 0`` (an exact identity matrix), so on a GPU they only go through
+    the log/exp round trip (float rounding; intensities below 1e-6 are raised to 1e-6); on a CPU they
+    are left untouched (see ``_selected``).
 
     Args:
         x: float ``(B, 3, H, W)`` RGB in ``[0, 1]``.
@@ -474,8 +497,15 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.
         alpha_minus_one.unsqueeze(-1) * rgb_from_hed
     )
     offset = -(beta @ rgb_from_hed)  # (B, 3)
+    matrix = row_matrix.transpose(1, 2)
+    chosen = _selected(apply.view(-1))
+    if chosen is not None:  # CPU: the log/exp round trip on the jittered samples only; the rest stay exact
+        if len(chosen) == 0:
+            return x
+        log_rgb = x[chosen].clamp_(min=_OD_EPS).log_()
+        return x.index_copy(0, chosen, _apply_colour_matrix(log_rgb, matrix[chosen], offset[chosen]).exp_().clamp_(max=1))
     log_rgb = x.clamp(min=_OD_EPS).log_()
-    return _apply_colour_matrix(log_rgb, row_matrix.transpose(1, 2), offset).exp_().clamp_(max=1)
+    return _apply_colour_matrix(log_rgb, matrix, offset).exp_().clamp_(max=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class EncoderConfig:
 
     method: str = "simclr"
     init: str = "random"  # random | imagenet | path to a .pth/.pt/.safetensors state dict
-    chain: list[str] = field(default_factory=lambda: ["target"])
+    chain: list[str] = field(default_factory=list)  # empty: the target data set alone
     epochs: int | None = None  # per stage; None: pretrain.epochs
 
 
@@ -359,6 +359,11 @@ def save(config: Config, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def encoder_chain(config: Config, entry: EncoderConfig) -> list[str]:
+    """The data sets an encoder is pretrained on, in order (the target alone by default)."""
+    return list(entry.chain) or [config.target]
+
+
 def validate(config: Config) -> None:
     """Range checks the types cannot express. Each error names the dotted key."""
 
@@ -381,7 +386,6 @@ def validate(config: Config) -> None:
     need(config.pretrain.method.temperature > 0, "pretrain.method.temperature", "must be positive")
     for name, enc in config.encoders.items():
         key = f"encoders.{name}"
-        need(len(enc.chain) >= 1, f"{key}.chain", "name at least one data set")
         for ds in enc.chain:
             need(ds in config.datasets, f"{key}.chain", f"{ds!r} is not a key of datasets ({', '.join(config.datasets)})")
         need(enc.epochs is None or enc.epochs >= 1, f"{key}.epochs", f"must be at least 1, got {enc.epochs}")

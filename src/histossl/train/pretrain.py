@@ -19,7 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from histossl.config import Config, EncoderConfig, OptimConfig, to_dict
+from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict
 from histossl.errors import ConfigError
 from histossl.io import atomic_write_json
 from histossl.methods import METHODS
@@ -71,7 +71,8 @@ def plan_stages(cfg: Config, entry: EncoderConfig) -> list[Stage]:
     stages: list[Stage] = []
     previous: dict = {"init": entry.init}
     init = entry.init
-    for i, dataset in enumerate(entry.chain):
+    chain = encoder_chain(cfg, entry)
+    for i, dataset in enumerate(chain):
         ds = cfg.datasets[dataset]
         key = {
             "previous": previous,
@@ -86,7 +87,7 @@ def plan_stages(cfg: Config, entry: EncoderConfig) -> list[Stage]:
             "seed": cfg.seed,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-        path = chain_name(entry.init, entry.chain[: i + 1])
+        path = chain_name(entry.init, chain[: i + 1])
         folder = f"{entry.method}_{path.replace('>', '-')}_{digest}"
         stages.append(Stage(folder, entry.method, dataset, key["epochs"], init, path, key))
         previous, init = {"stage": folder}, f"stage:{folder}"

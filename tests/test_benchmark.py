@@ -1,0 +1,58 @@
+"""The throughput benchmark runs end to end at a tiny size (a smoke test: no timing is asserted)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "throughput.py"
+KEYS = ("model_only_img_s", "end_to_end_img_s", "reference_img_s", "data_path_img_s", "reference_data_path_img_s")
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    """``ROOT/<class>/*.png``: 2 classes x 8 images of 20 x 24 px (not square, not the bench size)."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    return tmp_path / "data"
+
+
+def _args(data: Path, tmp_path: Path, method: str) -> list[str]:
+    return ["--method", method, "--image-size", "16", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+            "--reference-workers", "1", "--data", str(data), "--cache-dir", str(tmp_path / "cache")]
+
+
+def _check(result: dict) -> None:
+    for key in KEYS:
+        assert result[key] > 0, key
+    assert result["n_images"] == 16 and result["cold_decode_s"] is not None
+
+
+def test_benchmark_command_line_prints_json_last(tiny_folder, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *_args(tiny_folder, tmp_path, "simclr"), "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    _check(result)
+    assert result["method"] == "simclr" and "end_to_end / model_only" in result["ratios"]
+
+
+@pytest.mark.parametrize("method", ["rotnet", "supervised"])
+def test_benchmark_other_methods(tiny_folder, tmp_path, method):
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    _check(throughput.main(_args(tiny_folder, tmp_path, method)))
