@@ -190,15 +190,23 @@ def last_checkpoint(folder: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def checkpoint_callback(folder: Path, monitor: str | None = None, mode: str = "max") -> ModelCheckpoint:
-    """Saves ``last.ckpt`` every epoch (to resume) and, with ``monitor``, the best epoch as ``best.ckpt``."""
-    return ModelCheckpoint(
+def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "max") -> list[ModelCheckpoint]:
+    """``last.ckpt`` every epoch (full state, to resume) and, with ``monitor``, ``best.ckpt``.
+
+    The best epoch's checkpoint holds the weights only (a third of a full AdamW checkpoint): it is
+    read once, for the test split, and never resumed from.
+    """
+    last = ModelCheckpoint(dirpath=str(folder), save_top_k=0, save_last=True, every_n_epochs=1, enable_version_counter=False)
+    if monitor is None:
+        return [last]
+    best = ModelCheckpoint(
         dirpath=str(folder),
         filename="best",
         monitor=monitor,
         mode=mode,
-        save_top_k=1 if monitor else 0,
-        save_last=True,
+        save_top_k=1,
+        save_weights_only=True,
         every_n_epochs=1,
         enable_version_counter=False,
     )
+    return [last, best]

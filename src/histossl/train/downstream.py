@@ -32,7 +32,7 @@ from histossl.train.common import (
     ArrayBatches,
     EpochCSV,
     RngStateInCheckpoint,
-    checkpoint_callback,
+    checkpoint_callbacks,
     last_checkpoint,
     loader,
     make_optimizer,
@@ -228,17 +228,17 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         epochs = d.epochs
     ckpt_dir = run_dir / "checkpoints"
     select_mode = "min" if d.select_metric == "val_loss" else "max"
-    checkpoint = checkpoint_callback(ckpt_dir, monitor=d.select_metric, mode=select_mode)
+    last, best_checkpoint = checkpoint_callbacks(ckpt_dir, monitor=d.select_metric, mode=select_mode)
     trainer = make_trainer(
         cfg.trainer if spec.mode == "finetune" else frozen_trainer(cfg),
         epochs,
-        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=spec.mode == "finetune"), checkpoint],
+        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=spec.mode == "finetune"), last, best_checkpoint],
         run_dir,
         validate=True,
     )
     resume = last_checkpoint(ckpt_dir)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
-    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "best.ckpt"
+    best_path = Path(best_checkpoint.best_model_path) if best_checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     # The test split, once, with the weights chosen on validation.

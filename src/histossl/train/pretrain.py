@@ -28,7 +28,7 @@ from histossl.train.common import (
     ArrayBatches,
     EpochCSV,
     RngStateInCheckpoint,
-    checkpoint_callback,
+    checkpoint_callbacks,
     last_checkpoint,
     loader,
     make_optimizer,
@@ -161,7 +161,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
     trainer = make_trainer(
         cfg.trainer,
         stage.epochs,
-        [EpochCSV(folder / "metrics.csv", METRIC_COLUMNS), checkpoint_callback(ckpt_dir)],
+        [EpochCSV(folder / "metrics.csv", METRIC_COLUMNS), *checkpoint_callbacks(ckpt_dir)],
         folder,
         validate=False,
     )
