@@ -245,7 +245,7 @@ def test_checkpoint_carrying_code_is_refused_on_resume(tmp_path, capsys, monkeyp
     torch.save({"epoch": 0, "global_step": 6, "state_dict": {"x": _Evil(marker)}}, stage / "checkpoints" / "last.ckpt")
     code, stderr = cli(capsys, "pretrain", cfg, "--out", out)
     assert code == 1
-    assert "refused" in error_line(stderr)
+    assert "refused" in error_line(stderr) and "last.ckpt" in error_line(stderr)
     assert not marker.exists()
 
 

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from histossl.config import TrainerConfig
-from histossl.errors import ConfigError
+from histossl.errors import ConfigError, HistosslError
 from histossl.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,20 @@ def make_trainer(cfg: TrainerConfig, epochs: int, callbacks: list[Callback], roo
 
 
 def last_checkpoint(folder: Path) -> Path | None:
+    """``folder/last.ckpt`` if there is one to resume from, after checking it loads as plain tensors.
+
+    Lightning loads it again with ``weights_only=True``; loading it here first lets the error name
+    the file (a checkpoint that carries code is refused, and the code never runs).
+    """
     path = Path(folder) / "last.ckpt"
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - refused pickles and truncated files alike
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise HistosslError(f"{path}: refused to resume from this checkpoint ({first}); delete it to start over") from None
+    return path
 
 
 def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "max") -> list[ModelCheckpoint]:

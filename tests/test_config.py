@@ -1,0 +1,57 @@
+"""The config tree: typed --set overrides, errors that name the key, a resolved config that round-trips."""
+
+import pytest
+
+from histossl import config
+from histossl.errors import ConfigError
+
+
+def test_set_values_are_parsed_by_type():
+    cfg = config.load(None, ["downstream.fractions=[0.05, 0.5]", "pretrain.optim.lr=1e-3", "trainer.devices=2",
+                             "downstream.class_weighted=true", "downstream.constant_lr=5e-6"])
+    assert cfg.downstream.fractions == [0.05, 0.5]
+    assert cfg.pretrain.optim.lr == 1e-3 and isinstance(cfg.pretrain.optim.lr, float)
+    assert cfg.trainer.devices == "2"
+    assert cfg.downstream.class_weighted is True and cfg.downstream.constant_lr == 5e-6
+
+
+def test_partial_nested_override_keeps_sibling_defaults():
+    cfg = config.load(None, ["pretrain.views.hed_jitter_sigma=0.1"])
+    assert cfg.pretrain.views.hed_jitter_sigma == 0.1
+    assert cfg.pretrain.views.crop_scale_min == config.ViewConfig().crop_scale_min
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("pretrain.epoch=3", "pretrain.epoch", "epochs"),
+        ("pretrain.epochs=three", "pretrain.epochs", "integer"),
+        ("downstream.modes=[finetun]", "downstream.modes.0", "'finetune' | 'frozen'"),
+        ("downstream.class_weighted=maybe", "downstream.class_weighted", "true or false"),
+        ("downstream.fractions=[0.5, 1.5]", "downstream.fractions", "(0, 1]"),
+        ("split.test_fraction=0", "split.test_fraction", "(0, 1)"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert key in str(err.value) and allowed in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load(None, ["encoders.simclr.method=simclr", "downstream.seeds=[0, 1]"])
+    config.save(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        config.load(path)
+
+
+def test_encoder_chain_defaults_to_the_target():
+    cfg = config.load(None, ["target=idc", "datasets.idc.path=/data", "encoders.a.method=rotnet"])
+    assert config.encoder_chain(cfg, cfg.encoders["a"]) == ["idc"]
