@@ -6,7 +6,8 @@ and a RotNet image with four rotated copies count once)::
     python benchmarks/throughput.py --method simclr --backbone resnet18 --image-size 64 --batch-size 128 --json
 
 - ``model_only_img_s``: forward + backward + optimizer step of the encoder, head and loss on a batch of
-  ready-made views (made once by histossl's own views, then reused), in a bare loop.
+  ready-made views (made once by histossl's own views, then reused), in a bare loop; measured before
+  and after ``end_to_end`` and averaged over time, so a load that drifts during the run cancels out.
 - ``end_to_end_img_s``: histossl's real training: the decoded uint8 cache (``decode_cached``, warmed
   before timing), ``ArrayBatches`` and ``loader`` from ``histossl.train.common``, and a Lightning
   ``Trainer.fit`` of the real module (``PretrainModule`` for a pretext method, ``DownstreamModule`` with
@@ -533,9 +534,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["data_path_img_s"] = measure_data_path(bench, images, labels)
     result["reference_data_path_img_s"] = measure_reference(bench, index, with_model=False)
     if not args.skip_model:
-        result["model_only_img_s"] = measure_model_only(bench, images, labels)
+        # Model only before and after end to end, averaged over time: on a machine whose load drifts
+        # during the run, the sandwich cancels a linear drift out of end_to_end / model_only.
+        before = measure_model_only(bench, images, labels)
         with tempfile.TemporaryDirectory(prefix="histossl-bench-") as root:
             result["end_to_end_img_s"] = measure_end_to_end(bench, images, labels, Path(root))
+        after = measure_model_only(bench, images, labels)
+        result["model_only_img_s"] = 2 / (1 / before + 1 / after)
+        result["model_only_before_after_img_s"] = [before, after]
         result["reference_img_s"] = measure_reference(bench, index, with_model=True)
     result["ratios"] = {
         "end_to_end / model_only": ratio(result["end_to_end_img_s"], result["model_only_img_s"]),
