@@ -138,7 +138,7 @@ class EpochCSV(Callback):
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt(row.get(k, "")) for k in self.columns})
-        atomic_write_text(self.path, buffer.getvalue())
+        atomic_write_text(self.path, buffer.getvalue(), durable=False)
         if self.verbose and not trainer.progress_bar_callback:  # without a bar, one line per epoch shows progress
             shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("epoch", "lr") and v != "")
             log.info("%s epoch %d/%d: %s", self.path.parent.name, metrics["epoch"] + 1, trainer.max_epochs, shown)
@@ -202,11 +202,12 @@ def last_checkpoint(folder: Path) -> Path | None:
     return path
 
 
-def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "max") -> list[ModelCheckpoint]:
+def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "max", resumable: bool = True) -> list[ModelCheckpoint]:
     """``last.ckpt`` every epoch (full state, to resume) and, with ``monitor``, ``best.ckpt``.
 
     The best epoch's checkpoint holds the weights only (a third of a full AdamW checkpoint): it is
-    read once, for the test split, and never resumed from.
+    read once, for the test split, and never resumed from. ``resumable=False`` skips ``last.ckpt``,
+    for runs that take seconds (a head on cached features) and are cheaper to redo than to save.
     """
     last = ModelCheckpoint(dirpath=str(folder), save_top_k=0, save_last=True, every_n_epochs=1, enable_version_counter=False)
     if monitor is None:
@@ -221,4 +222,4 @@ def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "
         every_n_epochs=1,
         enable_version_counter=False,
     )
-    return [last, best]
+    return [last, best] if resumable else [best]

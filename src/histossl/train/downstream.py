@@ -228,11 +228,11 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         epochs = d.epochs
     ckpt_dir = run_dir / "checkpoints"
     select_mode = "min" if d.select_metric == "val_loss" else "max"
-    last, best_checkpoint = checkpoint_callbacks(ckpt_dir, monitor=d.select_metric, mode=select_mode)
+    *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=spec.mode == "finetune")
     trainer = make_trainer(
         cfg.trainer if spec.mode == "finetune" else frozen_trainer(cfg),
         epochs,
-        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=spec.mode == "finetune"), last, best_checkpoint],
+        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=spec.mode == "finetune"), *last, best_checkpoint],
         run_dir,
         validate=True,
     )
