@@ -209,7 +209,9 @@ def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "
     read once, for the test split, and never resumed from. ``resumable=False`` skips ``last.ckpt``,
     for runs that take seconds (a head on cached features) and are cheaper to redo than to save.
     """
-    last = ModelCheckpoint(dirpath=str(folder), save_top_k=0, save_last=True, every_n_epochs=1, enable_version_counter=False)
+    # monitor=None with save_top_k=1 keeps the newest epoch under a fixed name, written every epoch
+    # (save_last=True with save_top_k=0 would write last.ckpt only when training ends).
+    last = ModelCheckpoint(dirpath=str(folder), filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False)
     if monitor is None:
         return [last]
     best = ModelCheckpoint(
