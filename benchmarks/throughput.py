@@ -233,13 +233,18 @@ def measure_model_only(bench: Bench, images: np.ndarray, labels: np.ndarray) -> 
         if i == args.warmup:
             sync(device)
             start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = bench.model_loss(x, target)
-        loss.backward()
-        optimizer.step()
+        model_step(bench, optimizer, autocast, x, target)
     sync(device)
     return args.batch_size * args.steps / (time.perf_counter() - start)
+
+
+def model_step(bench: Bench, optimizer, autocast, x, target) -> None:
+    """One forward, backward and optimizer step of the benchmarked model and loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        loss = bench.model_loss(x, target)
+    loss.backward()
+    optimizer.step()
 
 
 def _autocast(bench: Bench):
@@ -437,11 +442,7 @@ def measure_reference(bench: Bench, index, with_model: bool) -> float:
             start = time.perf_counter()
         x, target = reference_batch(bench, views, y)
         if with_model:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                loss = bench.model_loss(x, target)
-            loss.backward()
-            optimizer.step()
+            model_step(bench, optimizer, autocast, x, target)
     sync(device)
     return args.batch_size * args.steps / (time.perf_counter() - start)
 
