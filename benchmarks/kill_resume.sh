@@ -8,13 +8,13 @@ rm -rf "$work" && mkdir -p "$work"
 cp configs/quickstart.yaml "$work/study.yaml"   # a copy: the config cannot change under the runs
 sets=(--set 'downstream.fractions=[0.05, 0.25]' --set 'downstream.lr_schedules=[cosine]' --set downstream.epochs=2
       --set pretrain.epochs=2 --set 'encoders={rotnet: {method: rotnet, epochs: 2}, simclr: {method: simclr, epochs: 2}}')
-histossl() { python -m histossl "$@"; }
+histossl=(python -m histossl)  # an array, not a function: "$!" below must be python's own pid
 
 echo "A: uninterrupted"
-histossl study "$work/study.yaml" --out "$work/A" "${sets[@]}" > "$work/A.log" 2>&1
+"${histossl[@]}" study "$work/study.yaml" --out "$work/A" "${sets[@]}" > "$work/A.log" 2>&1
 
 wait_then_kill() {  # $1: a shell test that becomes true when it is time to kill
-  histossl study "$work/study.yaml" --out "$work/B" "${sets[@]}" >> "$work/B.log" 2>&1 &
+  "${histossl[@]}" study "$work/study.yaml" --out "$work/B" "${sets[@]}" >> "$work/B.log" 2>&1 &
   local pid=$!
   until eval "$1" || ! kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
   if kill -9 "$pid" 2>/dev/null; then echo "B: killed ($1)"; else echo "B: finished before the kill ($1)"; fi
@@ -25,7 +25,7 @@ wait_then_kill '[ -n "$(ls "$work"/B/pretrain/*/checkpoints/last.ckpt 2>/dev/nul
 wait_then_kill '[ "$(records)" -ge 3 ]'                                                  # between downstream runs
 wait_then_kill '[ "$(records)" -ge 6 ] && sleep 1.$((RANDOM % 9))'                       # inside a downstream run
 echo "B: run to the end"
-histossl study "$work/study.yaml" --out "$work/B" "${sets[@]}" >> "$work/B.log" 2>&1
+"${histossl[@]}" study "$work/study.yaml" --out "$work/B" "${sets[@]}" >> "$work/B.log" 2>&1
 
 python - "$work" <<'PY'
 import json, sys
@@ -37,4 +37,7 @@ a, b = keys("A"), keys("B")
 print(f"A: {len(a)} records, B: {len(b)} records, B duplicates: {len(b) - len(set(b))}")
 assert sorted(a) == sorted(b) and len(set(b)) == len(b), "the records differ"
 print("same set of records, no duplicates")
+log = (Path(sys.argv[1]) / "B.log").read_text()
+assert "is in use" not in log, "a kill missed its process: a later run found the folder locked"
+print(f"B.log: {log.count('resuming from')} resumed checkpoint(s), {log.count('already recorded')} restart(s) of the downstream runs")
 PY

@@ -394,3 +394,20 @@ def test_disk_full_simulated(tmp_path, capsys, monkeypatch):
     assert [r["run"] for r in records.load(out / "results.jsonl")][:2] == ["downstream/r0", "downstream/r1"]
     assert (out / "results.jsonl").read_bytes().startswith(kept)
     assert not list(out.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_shuffle_order_depends_on_seed_and_epoch_only():
+    """A resumed run must see the batches an uninterrupted run would see at that epoch."""
+    from histossl.train.common import EpochShuffle
+
+    data = list(range(50))
+    running = EpochShuffle(data, seed=3)
+    orders = []
+    for epoch in range(3):
+        running.set_epoch(epoch)
+        orders.append(list(running))
+    resumed = EpochShuffle(data, seed=3)
+    resumed.set_epoch(2)
+    assert list(resumed) == orders[2]
+    assert orders[0] != orders[1] != orders[2] and sorted(orders[1]) == data
+    assert list(EpochShuffle(data, seed=4)) != orders[0]

@@ -163,3 +163,44 @@ def test_seed_report_config_parses():
     }
     assert chains == {"imagenet>target", "other", "imagenet>other", "other>target", "imagenet>other>target"}
     assert cfg.downstream.fractions == [0.05, 0.25, 0.5, 1.0] and cfg.downstream.constant_lr == 5e-6
+
+
+def test_best_threshold_maximises_validation_balanced_accuracy():
+    from histossl.metrics import best_threshold, classification_metrics
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(300, int), np.ones(60, int)]  # imbalanced, as IDC
+    score = rng.normal(0, 1, 360) + 1.2 * labels - 1.5  # class 1 is rarely the argmax
+    logits = np.stack([np.zeros(360), score], 1)
+    t = best_threshold(logits, labels)
+    tuned = classification_metrics(logits, labels, 2, t)["balanced_acc"]
+    grid = max(classification_metrics(logits, labels, 2, g)["balanced_acc"] for g in np.linspace(0.01, 0.99, 99))
+    assert tuned >= grid - 1e-9
+    assert tuned > classification_metrics(logits, labels, 2)["balanced_acc"] + 0.1
+    assert best_threshold(logits[:300], labels[:300]) == 0.5  # one class: nothing to choose
+
+
+def test_step_budget_validation_interval_and_validation_threshold(tmp_path):
+    cfg = tiny_config("synth.classes=[tumour, stroma]", "downstream.steps=24", "downstream.validations=2",
+                      "downstream.threshold=val", "downstream.batch_size=4")
+    data, subsets = _target(cfg, tmp_path / "study")
+    labeled = subsets[0][0.5]
+    spec = dataclasses.replace(_spec(tmp_path, "finetune", "random"), label_fraction=0.5)
+    rec = downstream.run(cfg, spec, data, labeled, tmp_path / "run")
+    per_epoch = -(-len(labeled) // 4)
+    every = max(1, -(-24 // per_epoch) // 2)
+    assert every > 1
+    assert rec["epochs"] % every == 0 and rec["epochs"] * per_epoch >= 24 > (rec["epochs"] - every) * per_epoch
+    assert rec["steps"] == rec["epochs"] * per_epoch - (len(labeled) % 4 == 1) * rec["epochs"]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    validated = [int(r.split(",")[0]) for r in rows if r.split(",")[4] != ""]
+    assert validated == [e for e in range(rec["epochs"]) if (e + 1) % every == 0]
+    assert rec["best_epoch"] in validated
+    assert 0 < rec["threshold"] <= 1
+
+
+def test_step_budget_caps_an_epoch_of_a_large_subset():
+    d = config.load(None, ["downstream.steps=50", "downstream.validations=3"]).downstream
+    assert downstream.finetune_epochs(d, 111) == (1, 1, 50)  # 100% of IDC: half an epoch
+    assert downstream.finetune_epochs(d, 6) == (9, 3, None)  # 5%: nine epochs, validated every third
+    assert downstream.finetune_epochs(dataclasses.replace(d, steps=None, epochs=4), 6) == (4, 1, None)

@@ -134,6 +134,8 @@ class DownstreamConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     baselines: list[str] = field(default_factory=lambda: ["random"])  # supervised from these inits
     epochs: int = 10
+    steps: int | None = None  # fine-tuning: optimizer steps per run, whatever the fraction (sets the epochs); None: ``epochs``
+    validations: int = 0  # fine-tuning: validate about this many times per run, evenly spaced; 0: every epoch
     frozen_epochs: int = 100  # a head on cached features: cheap
     batch_size: int = 64
     head: Literal["mlp", "linear"] = "mlp"
@@ -146,6 +148,7 @@ class DownstreamConfig:
     weight_decay: float = 1e-4
     class_weighted: bool = False  # inverse-frequency class weights in the loss
     select_metric: Literal["val_loss", "val_acc", "val_balanced_acc", "val_auroc"] = "val_balanced_acc"
+    threshold: Literal["argmax", "val"] = "argmax"  # two classes: "val" picks the decision threshold on validation
     views: ViewConfig = field(
         default_factory=lambda: ViewConfig(
             crop_scale_min=0.8, color_jitter_prob=0.5, grayscale_prob=0.0, blur_prob=0.0, hed_jitter_prob=0.5
@@ -401,6 +404,8 @@ def validate(config: Config) -> None:
         need(0 < f <= 1, "downstream.fractions", f"each fraction must be in (0, 1], got {f}")
     need(len(set(d.fractions)) == len(d.fractions), "downstream.fractions", "fractions repeat")
     need(d.epochs >= 1, "downstream.epochs", f"must be at least 1, got {d.epochs}")
+    need(d.steps is None or d.steps >= 1, "downstream.steps", f"must be at least 1, got {d.steps}")
+    need(d.validations >= 0, "downstream.validations", f"must be 0 or more, got {d.validations}")
     need(d.frozen_epochs >= 1, "downstream.frozen_epochs", f"must be at least 1, got {d.frozen_epochs}")
     need(d.batch_size >= 1, "downstream.batch_size", f"must be at least 1, got {d.batch_size}")
     need(d.lr > 0, "downstream.lr", "must be positive")

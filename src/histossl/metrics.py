@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, log_loss, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, log_loss, roc_auc_score, roc_curve
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -14,19 +14,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_classes: int, threshold: float | None = None) -> dict:
     """Loss, accuracy, balanced accuracy, macro F1, macro one-vs-rest AUROC and the confusion matrix.
 
     Args:
         logits: (N, C) raw scores.
         labels: (N,) true class indices.
         n_classes: C; classes absent from ``labels`` still get a row in the confusion matrix.
+        threshold: two classes only: predict class 1 when its probability is at least this
+            (see ``best_threshold``); None: the most probable class.
 
     AUROC is NaN when fewer than two classes are present in ``labels``.
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = softmax(np.asarray(logits, dtype=np.float64))
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if threshold is None else (probs[:, 1] >= threshold).astype(np.int64)
     classes = list(range(n_classes))
     present = np.unique(labels)
     auroc = math.nan
@@ -53,3 +55,18 @@ def majority_accuracy(labels: np.ndarray) -> float:
     """Accuracy of always answering the most frequent class: a run below it has collapsed."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
     return float(counts.max() / counts.sum())
+
+
+def best_threshold(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The probability threshold for class 1 that maximises balanced accuracy on these (validation) data.
+
+    For two classes balanced accuracy is (TPR + TNR) / 2, so the best threshold is the ROC point
+    with the largest Youden index TPR - FPR. Returns 0.5 when ``labels`` hold a single class.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    p1 = softmax(np.asarray(logits, dtype=np.float64))[:, 1]
+    fpr, tpr, thresholds = roc_curve(labels, p1)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf (predict nothing)

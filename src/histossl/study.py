@@ -169,7 +169,7 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
 
 
 def run_specs(cfg: Config, encoders: dict[str, pretrain.Stage], out: Path) -> list[downstream.RunSpec]:
-    """The cross product of encoders x modes x schedules x fractions x seeds, then the baselines."""
+    """The cross product of encoders x modes x schedules x fractions x seeds, and the baselines, by fraction."""
     d = cfg.downstream
     specs = []
     grid = list(itertools.product(d.lr_schedules, d.fractions, d.seeds))
@@ -210,7 +210,9 @@ def run_specs(cfg: Config, encoders: dict[str, pretrain.Stage], out: Path) -> li
                     seed=seed,
                 )
             )
-    return specs
+    # Label-scarce fractions first: a study stopped part-way has its 5% cells complete, every
+    # encoder and the baseline with all their seeds, rather than one encoder at every fraction.
+    return sorted(specs, key=lambda s: s.label_fraction)
 
 
 def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> int:

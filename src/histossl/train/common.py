@@ -14,7 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from histossl.config import TrainerConfig
 from histossl.errors import ConfigError, HistosslError
@@ -52,12 +52,26 @@ def keep_batch(batch):
     return batch
 
 
+class EpochShuffle(RandomSampler):
+    """A fresh permutation every epoch, drawn from ``seed + epoch``: a run resumed at epoch k sees
+    the order an uninterrupted run would have seen (Lightning calls ``set_epoch``, as it does for
+    the DistributedSampler that replaces this one under DDP)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        super().__init__(dataset, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
 def loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, cfg: TrainerConfig, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochShuffle(dataset, seed) if shuffle else None,
         drop_last=drop_last,
         num_workers=cfg.num_workers,
         collate_fn=keep_batch,
@@ -162,8 +176,13 @@ def _devices(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def make_trainer(cfg: TrainerConfig, epochs: int, callbacks: list[Callback], root: Path, validate: bool) -> pl.Trainer:
-    """A Lightning trainer with the user's accelerator, devices, precision, strategy and nodes."""
+def make_trainer(
+    cfg: TrainerConfig, epochs: int, callbacks: list[Callback], root: Path, validate: bool, val_every: int = 1, train_batches: int | None = None
+) -> pl.Trainer:
+    """A Lightning trainer with the user's accelerator, devices, precision, strategy and nodes.
+
+    It validates every ``val_every`` epochs; ``train_batches`` caps the batches of an epoch (None: all).
+    """
     try:
         return pl.Trainer(
             accelerator=cfg.accelerator,
@@ -179,6 +198,8 @@ def make_trainer(cfg: TrainerConfig, epochs: int, callbacks: list[Callback], roo
             enable_model_summary=False,
             num_sanity_val_steps=0,
             limit_val_batches=1.0 if validate else 0,
+            check_val_every_n_epoch=val_every,
+            limit_train_batches=1.0 if train_batches is None else train_batches,
             log_every_n_steps=1,
         )
     except (ValueError, TypeError, pl.utilities.exceptions.MisconfigurationException) as err:
@@ -202,11 +223,12 @@ def last_checkpoint(folder: Path) -> Path | None:
     return path
 
 
-def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "max", resumable: bool = True) -> list[ModelCheckpoint]:
+def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "max", resumable: bool = True, every: int = 1) -> list[ModelCheckpoint]:
     """``last.ckpt`` every epoch (full state, to resume) and, with ``monitor``, ``best.ckpt``.
 
     The best epoch's checkpoint holds the weights only (a third of a full AdamW checkpoint): it is
-    read once, for the test split, and never resumed from. ``resumable=False`` skips ``last.ckpt``,
+    read once, for the test split, and never resumed from; it is considered every ``every`` epochs
+    (the epochs that are validated). ``resumable=False`` skips ``last.ckpt``,
     for runs that take seconds (a head on cached features) and are cheaper to redo than to save.
     """
     # monitor=None with save_top_k=1 keeps the newest epoch under a fixed name, written every epoch
@@ -221,7 +243,7 @@ def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "
         mode=mode,
         save_top_k=1,
         save_weights_only=True,
-        every_n_epochs=1,
+        every_n_epochs=every,
         enable_version_counter=False,
     )
     return [last, best] if resumable else [best]

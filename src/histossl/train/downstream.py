@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from histossl import augment
 from histossl.config import Config
-from histossl.metrics import classification_metrics, majority_accuracy
+from histossl.metrics import best_threshold, classification_metrics, majority_accuracy
 from histossl.models.backbones import build_encoder
 from histossl.models.heads import classifier_head
 from histossl.train.common import (
     ArrayBatches,
     EpochCSV,
+    EpochShuffle,
     RngStateInCheckpoint,
     checkpoint_callbacks,
     last_checkpoint,
@@ -137,12 +138,13 @@ class DownstreamModule(RngStateInCheckpoint, pl.LightningModule):
         sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")
         self._sums.zero_()
         count = max(float(sums[2]), 1.0)
+        validated, self.val_metrics = self.val_metrics, {}  # an epoch without validation gets empty cells
         return {
             "epoch": self.current_epoch,
             "train_loss": float(sums[0]) / count,
             "train_acc": float(sums[1]) / count,
             "lr": self.optimizers().param_groups[-1]["lr"],
-            **self.val_metrics,
+            **validated,
         }
 
     def configure_optimizers(self):
@@ -215,41 +217,45 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         module = DownstreamModule(None, head, cfg, lr, spec.lr_schedule, weights)
         train_set = TensorDataset(torch.from_numpy(features[labeled]), torch.from_numpy(data.labels[labeled]))
         val_set = TensorDataset(torch.from_numpy(features[data.val]), torch.from_numpy(data.labels[data.val]))
-        generator = torch.Generator().manual_seed(spec.seed)
-        train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=drop_last, generator=generator)
+        train_loader = DataLoader(train_set, batch_size=batch, sampler=EpochShuffle(train_set, spec.seed), drop_last=drop_last)
         val_loader = DataLoader(val_set, batch_size=1024)
-        epochs = d.frozen_epochs
+        epochs, val_every, batches = d.frozen_epochs, 1, None
     else:
         prepare_encoder(encoder, cfg)
         module = DownstreamModule(encoder, head, cfg, lr, spec.lr_schedule, weights)
         train_set = ArrayBatches(data.images, labeled, data.labels)
         train_loader = loader(train_set, batch, shuffle=True, drop_last=drop_last, cfg=cfg.trainer, seed=spec.seed)
         val_loader = loader(ArrayBatches(data.images, data.val, data.labels), 256, False, False, cfg.trainer, spec.seed)
-        epochs = d.epochs
+        epochs, val_every, batches = finetune_epochs(d, len(train_loader))
     ckpt_dir = run_dir / "checkpoints"
     select_mode = "min" if d.select_metric == "val_loss" else "max"
-    *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=spec.mode == "finetune")
+    *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=spec.mode == "finetune", every=val_every)
     trainer = make_trainer(
         cfg.trainer if spec.mode == "finetune" else frozen_trainer(cfg),
         epochs,
         [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=spec.mode == "finetune"), *last, best_checkpoint],
         run_dir,
         validate=True,
+        val_every=val_every,
+        train_batches=batches,
     )
     resume = last_checkpoint(ckpt_dir)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
     best_path = Path(best_checkpoint.best_model_path) if best_checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
-    # The test split, once, with the weights chosen on validation.
     if spec.mode == "frozen":
-        with torch.no_grad():
-            module.eval()
-            test_logits = module.head(torch.from_numpy(features[data.test])).numpy()
+        module.eval()
+        logits_of = lambda rows: module.head(torch.from_numpy(features[rows])).detach().numpy()  # noqa: E731
     else:
-        test_logits = predict(module, data.images, data.test)
+        logits_of = lambda rows: predict(module, data.images, rows)  # noqa: E731
+    threshold = None
+    if d.threshold == "val" and n_classes == 2:  # chosen on validation, with the selected weights
+        threshold = best_threshold(logits_of(data.val), data.labels[data.val])
+    # The test split, once, with the weights and threshold chosen on validation.
+    test_logits = logits_of(data.test)
     test_labels = data.labels[data.test]
-    metrics = classification_metrics(test_logits, test_labels, n_classes)
+    metrics = classification_metrics(test_logits, test_labels, n_classes, threshold)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {
         "method": spec.method,
@@ -261,7 +267,9 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         "lr_schedule": spec.lr_schedule,
         "seed": spec.seed,
         "epochs": epochs,
+        "steps": int(trainer.global_step),
         "best_epoch": int(best["epoch"]),
+        "threshold": threshold,
         "test_loss": metrics["loss"],
         "test_acc": metrics["acc"],
         "test_balanced_acc": metrics["balanced_acc"],
@@ -283,6 +291,21 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         "test_majority_acc": majority_accuracy(test_labels),
         "config": "config.yaml",
     }
+
+
+def finetune_epochs(d, batches_per_epoch: int) -> tuple[int, int, int | None]:
+    """(epochs, validate every n epochs, batches per epoch or None for all) of a fine-tuning run.
+
+    With ``steps`` every fraction gets about the same number of optimizer steps: small subsets get
+    many epochs, a subset with more than ``steps`` batches one epoch of ``steps`` batches (a random
+    part of it). With ``validations`` the validation split is evaluated about that many times, at
+    epochs that end the run on a validated epoch.
+    """
+    if d.steps is not None and d.steps < batches_per_epoch:
+        return 1, 1, d.steps
+    epochs = d.epochs if d.steps is None else max(1, math.ceil(d.steps / max(1, batches_per_epoch)))
+    every = 1 if d.validations == 0 else max(1, epochs // d.validations)
+    return math.ceil(epochs / every) * every, every, None
 
 
 def classifier_head_for(cfg: Config, n_classes: int, spec: RunSpec) -> tuple[nn.Module, nn.Module]:
