@@ -1,5 +1,5 @@
-"""Two-process data-parallel pretraining on a CPU (Lightning DDP, gloo): each rank sees its own samples
-and both end with the same weights."""
+"""Two-process data-parallel training on a CPU (Lightning DDP, gloo): each rank sees its own samples,
+both end with the same weights, and validation gathers every item once, in order."""
 
 import json
 import os
@@ -61,6 +61,28 @@ SCRIPT = textwrap.dedent(
         rank = trainer.global_rank
         (OUT / f"rows_{rank}.json").write_text(json.dumps({"rows": LoggedBatches.seen, "steps": trainer.global_step}))
         torch.save({k: v.detach().clone() for k, v in module.named_parameters()}, OUT / f"params_{rank}.pt")
+
+        # Validation under DDP: 7 items over 2 processes (the sampler pads one); the gathered labels
+        # must be the validation labels, in order, each once.
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from histossl.models.heads import classifier_head
+        from histossl.train.downstream import DownstreamModule
+
+        gathered = []
+
+        class Probe(DownstreamModule):
+            def _gather_in_order(self, local):
+                out = super()._gather_in_order(local)
+                gathered.append(out.tolist())
+                return out
+
+        val_labels = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+        probe = Probe(None, classifier_head(8, 2, "linear"), cfg, 0.01, "cosine", None)
+        train = DataLoader(TensorDataset(torch.randn(8, 8), torch.arange(8) % 2), batch_size=2)
+        val = DataLoader(TensorDataset(torch.randn(7, 8), val_labels), batch_size=2)
+        make_trainer(cfg.trainer, 1, [], OUT, validate=True).fit(probe, train, val)
+        (OUT / f"val_{rank}.json").write_text(json.dumps({"labels": gathered[-1], "expected": val_labels.tolist()}))
     """
 )
 
@@ -85,3 +107,6 @@ def test_two_process_ddp_pretraining_splits_data_and_syncs_weights(tmp_path):
     assert len(params[0]) > 0
     for name in params[0]:
         assert torch.equal(params[0][name], params[1][name]), name
+    for rank in (0, 1):
+        val = json.loads((tmp_path / f"val_{rank}.json").read_text())
+        assert val["labels"] == val["expected"]

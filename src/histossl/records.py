@@ -45,26 +45,32 @@ def append(path: Path, record: dict) -> None:
         raise HistosslError(f"cannot append to {path}: {err.strerror}") from None
 
 
-def load(path: Path, repair: bool = True) -> list[dict]:
-    """All complete records; a corrupt line is dropped with a warning (and the file repaired)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    records, good_lines, bad = [], [], 0
+def parse(text: str) -> tuple[list[tuple[int, dict, str]], list[tuple[int, str]]]:
+    """The lines of a results.jsonl text: ([(line number, record, line)], [(line number, why it is bad)])."""
+    good, bad = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            bad += 1
-            log.warning("%s: line %d is incomplete or corrupt (an interrupted write?); dropped, its run will be redone", path, number)
+        except json.JSONDecodeError as err:
+            bad.append((number, f"is not valid JSON ({err.msg})"))
             continue
-        records.append(record)
-        good_lines.append(line)
+        if not isinstance(record, dict):
+            bad.append((number, "is not a JSON object"))
+            continue
+        good.append((number, record, line))
+    return good, bad
+
+
+def load(path: Path, repair: bool = True) -> list[dict]:
+    """All complete records; a corrupt line is dropped with a warning (and the file repaired)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    good, bad = parse(path.read_text(encoding="utf-8", errors="replace"))
+    for number, _ in bad:
+        log.warning("%s: line %d is incomplete or corrupt (an interrupted write?); dropped, its run will be redone", path, number)
     if bad and repair:
-        atomic_write_text(path, "".join(f"{line}\n" for line in good_lines))
-    return records
+        atomic_write_text(path, "".join(f"{line}\n" for _, _, line in good))
+    return [record for _, record, _ in good]

@@ -7,6 +7,7 @@ One study process per output folder at a time (an ``flock`` that dies with its p
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import itertools
 import logging
@@ -263,7 +264,7 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
     with study_lock(out):
         write_config(cfg, out)
         specs = [
-            downstream.RunSpec(**{**s.__dict__, "init": str(encoder_file.resolve()), "pretrain_dir": None})
+            dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None)
             for s in run_specs(cfg, {name: stage}, out)
             if s.method != "supervised"
         ]

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from histossl import records
+
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
@@ -81,19 +83,10 @@ def read_records(out_dir: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
     if not path.is_file():
         return [], problems
     by_key: dict[Any, dict[str, Any]] = {}
-    text = path.read_text(encoding="utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    good, bad = records.parse(path.read_text(encoding="utf-8", errors="replace"))
+    problems += [Problem(f"{RESULTS_FILE} line {number} {why}; skipped") for number, why in bad]
+    for number, record, _ in good:
         where = f"{RESULTS_FILE} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(Problem(f"{where} is not valid JSON ({err.msg}); skipped"))
-            continue
-        if not isinstance(record, dict):
-            problems.append(Problem(f"{where} is not a JSON object; skipped"))
-            continue
         missing = [name for name in REQUIRED_FIELDS if name not in record]
         if missing:
             problems.append(Problem(f"{where} lacks {', '.join(missing)}; skipped"))

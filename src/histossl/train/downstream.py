@@ -118,8 +118,8 @@ class DownstreamModule(RngStateInCheckpoint, pl.LightningModule):
         self._val_labels.append(y)
 
     def on_validation_epoch_end(self) -> None:
-        logits = self.all_gather(torch.cat(self._val_logits)).reshape(-1, head_out(self.head))
-        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1)
+        logits = self._gather_in_order(torch.cat(self._val_logits))
+        labels = self._gather_in_order(torch.cat(self._val_labels))
         self._val_logits.clear()
         self._val_labels.clear()
         m = classification_metrics(logits.cpu().numpy(), labels.cpu().numpy(), head_out(self.head))
@@ -132,6 +132,19 @@ class DownstreamModule(RngStateInCheckpoint, pl.LightningModule):
         }
         for key, value in self.val_metrics.items():
             self.log(key, value, sync_dist=False)
+
+    def _gather_in_order(self, local: torch.Tensor) -> torch.Tensor:
+        """The validation outputs of every process, in data set order, without the sampler's padding.
+
+        Under DDP, Lightning's DistributedSampler (no shuffling) gives process r the items r, r + W,
+        r + 2W, ... and repeats the first items to make the shares equal; interleaving the gathered
+        shares restores the order, and cutting at the data set's length drops the repeats.
+        """
+        if self.trainer.world_size == 1:
+            return local
+        shares = self.all_gather(local)  # (W, n_local, ...)
+        ordered = shares.transpose(0, 1).reshape(-1, *local.shape[1:])
+        return ordered[: len(self.trainer.val_dataloaders.dataset)]
 
     def summarize_epoch(self) -> dict:
         """Training loss/accuracy of the epoch (all processes) and the validation metrics."""
@@ -208,12 +221,12 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     n_classes = len(data.classes)
     lr = run_lr(cfg, spec.lr_schedule)
     weights = class_weights(data.labels[labeled], n_classes) if d.class_weighted else None
-    encoder, head = classifier_head_for(cfg, n_classes, spec)
     batch = min(d.batch_size, len(labeled))
     drop_last = len(labeled) % batch == 1  # a last batch of one breaks batch norm
     if spec.mode == "frozen":
         feature_file = run_dir.parent.parent / "features" / f"{spec.encoder}.npy"
         features = np.asarray(cached_features(cfg, Path(spec.init), data, feature_file), dtype=np.float32)
+        head = classifier_head(features.shape[1], n_classes, d.head, d.hidden_dim, d.dropout)
         module = DownstreamModule(None, head, cfg, lr, spec.lr_schedule, weights)
         train_set = TensorDataset(torch.from_numpy(features[labeled]), torch.from_numpy(data.labels[labeled]))
         val_set = TensorDataset(torch.from_numpy(features[data.val]), torch.from_numpy(data.labels[data.val]))
@@ -221,6 +234,8 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         val_loader = DataLoader(val_set, batch_size=1024)
         epochs, val_every, batches = d.frozen_epochs, 1, None
     else:
+        encoder = build_encoder(cfg.backbone, spec.init)
+        head = classifier_head(encoder.num_features, n_classes, d.head, d.hidden_dim, d.dropout)
         prepare_encoder(encoder, cfg)
         module = DownstreamModule(encoder, head, cfg, lr, spec.lr_schedule, weights)
         train_set = ArrayBatches(data.images, labeled, data.labels)
@@ -306,14 +321,6 @@ def finetune_epochs(d, batches_per_epoch: int) -> tuple[int, int, int | None]:
     epochs = d.epochs if d.steps is None else max(1, math.ceil(d.steps / max(1, batches_per_epoch)))
     every = 1 if d.validations == 0 else max(1, epochs // d.validations)
     return math.ceil(epochs / every) * every, every, None
-
-
-def classifier_head_for(cfg: Config, n_classes: int, spec: RunSpec) -> tuple[nn.Module, nn.Module]:
-    """(encoder, head); frozen runs use the encoder only for its feature size."""
-    d = cfg.downstream
-    encoder = build_encoder(cfg.backbone, spec.init)
-    head = classifier_head(encoder.num_features, n_classes, d.head, d.hidden_dim, d.dropout)
-    return encoder, head
 
 
 def frozen_trainer(cfg: Config):
