@@ -70,6 +70,12 @@ def test_study_writes_contract_outputs(finished_study):
     assert "select_metric" in cfg_text  # every default filled in
     report = (out / "report.md").read_text()
     assert "rotnet" in report and "supervised" in report and " / " in report
+    # Provenance: every record says what made it; the command, its machine and wall time are logged.
+    assert all(r["device"] and r["torch_version"] == torch.__version__ and r["histossl_version"] for r in recs)
+    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert [i["event"] for i in invocations[:2]] == ["start", "end"] and invocations[1]["status"] == "finished"
+    assert invocations[0]["command"].startswith("histossl study ") and invocations[1]["wall_s"] > 0
+    assert "## Provenance" in report and "| finished |" in report and invocations[0]["machine"] in report
 
 
 def test_fractions_follow_the_saved_subsets(finished_study):
@@ -84,9 +90,9 @@ def test_fractions_follow_the_saved_subsets(finished_study):
 def test_rerun_redoes_nothing_and_report_rebuilds_identically(finished_study, capsys):
     out = finished_study
     before = (out / "results.jsonl").read_text()
-    report = (out / "report.md").read_text()
     assert main(study_args(out)) == 0
     assert (out / "results.jsonl").read_text() == before
+    report = (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == report

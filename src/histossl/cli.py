@@ -193,6 +193,9 @@ def quiet_libraries(debug: bool, trains: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from histossl import provenance
+
+    provenance.set_command(sys.argv[1:] if argv is None else argv)
     quiet_libraries(args.debug, trains=args.command in ("demo", "study", "pretrain", "evaluate"))
     try:
         COMMANDS[args.command](args)

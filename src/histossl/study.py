@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from histossl import config as config_mod
-from histossl import records
+from histossl import provenance, records
 from histossl.config import Config
 from histossl.data.cache import DecodedImages, decode_cached
 from histossl.data.sources import ImageIndex, load_index
@@ -225,7 +225,7 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
     for i, spec in enumerate(todo, 1):
         record = downstream.run(cfg, spec, data, subsets[spec.seed][spec.label_fraction], out / "downstream" / spec.name)
-        records.append(out / RESULTS, record)
+        records.append(out / RESULTS, {**record, **provenance.record_fields()})
         log.info(
             "[%d/%d] %s: test acc %.2f%%, balanced acc %.2f%% (%.0f s)",
             i, len(todo), spec.name, 100 * record["test_acc"], 100 * record["test_balanced_acc"], record["wall_s"],
@@ -242,14 +242,15 @@ def build_report(out: Path) -> Path:
 def run_study(cfg: Config, out: Path) -> Path:
     """The whole study; returns the path of report.md."""
     with study_lock(out):
-        write_config(cfg, out)
-        encoders = pretrain_all(cfg, out)
-        run_downstream(cfg, out, run_specs(cfg, encoders, out))
+        with provenance.invocation(out):
+            write_config(cfg, out)
+            encoders = pretrain_all(cfg, out)
+            run_downstream(cfg, out, run_specs(cfg, encoders, out))
         return build_report(out)
 
 
 def run_pretrain(cfg: Config, out: Path) -> dict[str, Path]:
-    with study_lock(out):
+    with study_lock(out), provenance.invocation(out):
         write_config(cfg, out)
         stages = pretrain_all(cfg, out)
         return {name: out / "pretrain" / s.folder / "encoder.safetensors" for name, s in stages.items()}
@@ -262,11 +263,12 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
     name = encoder_file.parent.name if encoder_file.name == "encoder.safetensors" else encoder_file.stem
     stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={})
     with study_lock(out):
-        write_config(cfg, out)
-        specs = [
-            dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None)
-            for s in run_specs(cfg, {name: stage}, out)
-            if s.method != "supervised"
-        ]
-        run_downstream(cfg, out, specs)
+        with provenance.invocation(out):
+            write_config(cfg, out)
+            specs = [
+                dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None)
+                for s in run_specs(cfg, {name: stage}, out)
+                if s.method != "supervised"
+            ]
+            run_downstream(cfg, out, specs)
         return build_report(out)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from histossl import provenance
 from histossl.errors import HistosslError
 from histossl.io import atomic_write_bytes, atomic_write_text
 from histossl.report import figures as draw
@@ -252,7 +253,35 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
         blocks.append(Heading(2, "Confusion matrices"))
         blocks += confusions
         figures += confusions
+    blocks += _provenance(out_dir)
     return blocks, figures, f"histossl study report: {name}"
+
+
+def _provenance(out_dir: Path) -> list[Block]:
+    """Each command that worked on the study (``invocations.jsonl``), with its machine and versions."""
+    runs = provenance.load(out_dir)
+    if not runs:
+        return []
+    rows = []
+    for i, run in enumerate(runs, 1):
+        status = run.get("status") or "no end recorded (killed, or still running)"
+        wall = _duration(float(run["wall_s"])) if isinstance(run.get("wall_s"), int | float) else "—"
+        rows.append([Cell(text) for text in (str(i), str(run.get("time", "")), wall, status, f"`{run.get('command', '')}`")])
+    environments = []
+    for run in runs:
+        versions = run.get("versions") if isinstance(run.get("versions"), dict) else {}
+        text = f"{run.get('machine', '?')}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        if text not in environments:
+            environments.append(text)
+    finished = sum(float(r["wall_s"]) for r in runs if isinstance(r.get("wall_s"), int | float))
+    return [
+        Heading(2, "Provenance"),
+        Paragraph(f"Commands that worked on this study folder, in order; {_duration(finished)} of wall time in all "
+                  "(report building excluded)."),
+        Table(["#", "started (UTC)", "wall time", "status", "command"], rows, key="provenance"),
+        Paragraph("Machines and versions:"),
+        Bullets(tuple(environments)),
+    ]
 
 
 def build_report(out_dir: Path, draw_figures: bool = True) -> Path:
