@@ -248,3 +248,18 @@ def test_report_imports_no_torch():
     """``histossl report`` must run where torch is not installed: the package never imports it."""
     code = "import sys, histossl.report; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_provenance_lists_each_command_and_a_killed_one(tmp_path):
+    out = make_study(tmp_path / "out", seeds=(0,), flaws=False)
+    base = {"machine": "CPU Test, 2 cores", "versions": {"torch": "9.9"}}
+    lines = [
+        {"id": "a", "event": "start", "time": "2026-01-01T00:00:00Z", "command": "histossl study s.yaml", **base},
+        {"id": "b", "event": "start", "time": "2026-01-01T01:00:00Z", "command": "histossl study s.yaml", **base},
+        {"id": "b", "event": "end", "time": "2026-01-01T01:30:00Z", "status": "finished", "wall_s": 1800.0},
+    ]
+    (out / "invocations.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    text = build_report(out, draw_figures=False).read_text()
+    section = text.split("## Provenance")[1]
+    assert "no end recorded (killed, or still running)" in section and "| finished |" in section
+    assert "CPU Test, 2 cores; torch 9.9" in section and "30.0 min" in section
