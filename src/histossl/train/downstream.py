@@ -259,11 +259,14 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     best_path = Path(best_checkpoint.best_model_path) if best_checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
-    if spec.mode == "frozen":
-        module.eval()
-        logits_of = lambda rows: module.head(torch.from_numpy(features[rows])).detach().numpy()  # noqa: E731
-    else:
-        logits_of = lambda rows: predict(module, data.images, rows)  # noqa: E731
+    module.eval()
+
+    @torch.no_grad()
+    def logits_of(rows: np.ndarray) -> np.ndarray:
+        if spec.mode == "frozen":
+            return module.head(torch.from_numpy(features[rows])).numpy()
+        return predict(module, data.images, rows)
+
     threshold = None
     if d.threshold == "val" and n_classes == 2:  # chosen on validation, with the selected weights
         threshold = best_threshold(logits_of(data.val), data.labels[data.val])

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The two studies on real breast tissue (issue 5), then their reports copied to docs/benchmarks/idc/.
+# About 2 hours on 2 CPU cores; rerun to resume after an interruption.
+#   bash benchmarks/idc.sh        (the virtual environment's histossl first on PATH)
+set -euo pipefail
+histossl study configs/idc-cpu.yaml --out out/idc-cpu
+# The chain study's "SimCLR on IDC alone" encoder has the same stage key, hence the same folder name,
+# as idc-cpu's SimCLR stage: the finished stage is reused rather than trained again. Skip this copy to
+# retrain it (same settings, so the same encoder up to floating-point nondeterminism).
+mkdir -p out/idc-chain-cpu/pretrain
+for stage in out/idc-cpu/pretrain/simclr_idc_*; do
+  [ -f "$stage/stage.json" ] && cp -rn "$stage" out/idc-chain-cpu/pretrain/
+done
+histossl study configs/idc-chain-cpu.yaml --out out/idc-chain-cpu
+for name in idc-cpu idc-chain-cpu; do
+  dest=docs/benchmarks/idc/$name
+  rm -rf "$dest" && mkdir -p "$dest"
+  for item in report.md report.html figures results.jsonl config.yaml split.csv invocations.jsonl; do
+    [ -e "out/$name/$item" ] && cp -r "out/$name/$item" "$dest/"
+  done
+done
+echo "reports in docs/benchmarks/idc/"
