@@ -263,3 +263,14 @@ def test_provenance_lists_each_command_and_a_killed_one(tmp_path):
     section = text.split("## Provenance")[1]
     assert "no end recorded (killed, or still running)" in section and "| finished |" in section
     assert "CPU Test, 2 cores; torch 9.9" in section and "30.0 min" in section
+
+
+def test_header_says_when_thresholds_were_chosen_on_validation(tmp_path):
+    out = make_study(tmp_path / "out", seeds=(0,), flaws=False)
+    assert "Decision threshold" not in build_report(out, draw_figures=False).read_text()
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for i, record in enumerate(lines):
+        record.update(threshold=0.3 + 0.1 * (i % 3), classes=["non-IDC", "IDC"])
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    text = build_report(out, draw_figures=False).read_text()
+    assert f"for {len(lines)} of {len(lines)} runs (probability of class `IDC`, range 0.30-0.50)" in text

@@ -84,8 +84,18 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
         values = sorted({str(r[field]) for r in records if r.get(field)})
         if values:
             items.append(f"{label}: {', '.join(values)}")
+    thresholds = [r["threshold"] for r in records if isinstance(r.get("threshold"), int | float)]
+    if thresholds:
+        items.append(f"Decision threshold chosen on the validation split for {len(thresholds)} of {len(records)} runs "
+                     f"(probability of class `{_positive_class(records)}`, range {min(thresholds):.2f}-{max(thresholds):.2f}); "
+                     "the others predict the most probable class")
     items.append(f"Rebuilt from the records with `histossl report {out_dir}`")
     return [Heading(1, f"histossl study report: {name}"), Bullets(tuple(items))]
+
+
+def _positive_class(records: list[dict[str, Any]]) -> str:
+    classes = next((r["classes"] for r in records if isinstance(r.get("classes"), list) and len(r["classes"]) == 2), None)
+    return str(classes[1]) if classes else "1"
 
 
 def _warnings(problems: list[Problem], flags: list[Flag], stage_users: dict[str, list[str]]) -> list[Block]:
