@@ -387,7 +387,8 @@ def test_disk_full_simulated(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("histossl.io.os.fsync", no_space)
     monkeypatch.setattr("histossl.records.os.fsync", no_space)
     code, stderr = cli(capsys, "study", write_config(tmp_path / "study.yaml"), "--out", out)
-    assert code == 1 and "config.yaml" in error_line(stderr) and "No space left" in stderr
+    # The first write of a command is its line in invocations.jsonl: the error names that file.
+    assert code == 1 and str(out / "invocations.jsonl") in error_line(stderr) and "No space left" in stderr
     with pytest.raises(HistosslError, match="No space left"):
         records.append(out / "results.jsonl", {"method": "rotnet", "run": "downstream/new"})
     monkeypatch.undo()
