@@ -13,10 +13,6 @@ for stage in out/idc-cpu/pretrain/simclr_idc_*; do
 done
 histossl study configs/idc-chain-cpu.yaml --out out/idc-chain-cpu
 for name in idc-cpu idc-chain-cpu; do
-  dest=docs/benchmarks/idc/$name
-  rm -rf "$dest" && mkdir -p "$dest"
-  for item in report.md report.html figures results.jsonl config.yaml split.csv invocations.jsonl; do
-    [ -e "out/$name/$item" ] && cp -r "out/$name/$item" "$dest/"
-  done
+  python benchmarks/publish_report.py "out/$name" "docs/benchmarks/idc/$name"
 done
 echo "reports in docs/benchmarks/idc/"
