@@ -210,3 +210,28 @@ def test_step_budget_caps_an_epoch_of_a_large_subset():
     assert downstream.finetune_epochs(d, 111) == (1, 1, 50)  # 100% of IDC: half an epoch
     assert downstream.finetune_epochs(d, 6) == (9, 3, None)  # 5%: nine epochs, validated every third
     assert downstream.finetune_epochs(dataclasses.replace(d, steps=None, epochs=4), 6) == (4, 1, None)
+
+
+def test_tuning_run_never_reads_the_test_split(finished_study, tmp_path):
+    cfg = tiny_config("downstream.test=false")
+    data, subsets = _target(cfg, finished_study)
+    labels = data.labels.copy()
+    labels[data.test] = 99  # not a class: any use of the test labels would fail
+    images = np.array(data.images)
+    images[data.test] = 0
+    blinded = dataclasses.replace(data, labels=labels, images=images)
+    for mode in ("frozen", "finetune"):
+        spec = _spec(tmp_path, mode, _encoder_file(finished_study))
+        rec = downstream.run(cfg, spec, blinded, subsets[0][1.0], tmp_path / mode)
+        assert rec["test_acc"] is None and rec["test_auroc"] is None and rec["n_test"] == 0
+        assert 0 <= rec["val_balanced_acc"] <= 1 and rec["val_loss"] > 0
+
+
+def test_tuning_study_records_validation_and_writes_no_report(tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(study_args(out, "downstream.test=false", "downstream.fractions=[1.0]", "downstream.modes=[frozen]",
+                           "downstream.baselines=[]", "encoders={simclr: {method: simclr}}")) == 0
+    recs = records.load(out / "results.jsonl")
+    assert len(recs) == 1 and recs[0]["test_acc"] is None and recs[0]["val_auroc"] is not None
+    assert not (out / "report.md").exists()
+    assert "results:" in capsys.readouterr().out

@@ -87,7 +87,8 @@ def cmd_study(args) -> None:
     from histossl import study
 
     cfg, out = _load(args)
-    print(f"report: {study.run_study(cfg, out)}")
+    path = study.run_study(cfg, out)
+    print(f"{'report' if path.suffix == '.md' else 'results'}: {path}")
 
 
 def cmd_pretrain(args) -> None:

@@ -149,6 +149,7 @@ class DownstreamConfig:
     class_weighted: bool = False  # inverse-frequency class weights in the loss
     select_metric: Literal["val_loss", "val_acc", "val_balanced_acc", "val_auroc"] = "val_balanced_acc"
     threshold: Literal["argmax", "val"] = "argmax"  # two classes: "val" picks the decision threshold on validation
+    test: bool = True  # False: a tuning study; the test split is never evaluated (records carry val_* only)
     views: ViewConfig = field(
         default_factory=lambda: ViewConfig(
             crop_scale_min=0.8, color_jitter_prob=0.5, grayscale_prob=0.0, blur_prob=0.0, hed_jitter_prob=0.5

@@ -226,9 +226,10 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     for i, spec in enumerate(todo, 1):
         record = downstream.run(cfg, spec, data, subsets[spec.seed][spec.label_fraction], out / "downstream" / spec.name)
         records.append(out / RESULTS, {**record, **provenance.record_fields()})
+        split = "test" if cfg.downstream.test else "val"
         log.info(
-            "[%d/%d] %s: test acc %.2f%%, balanced acc %.2f%% (%.0f s)",
-            i, len(todo), spec.name, 100 * record["test_acc"], 100 * record["test_balanced_acc"], record["wall_s"],
+            "[%d/%d] %s: %s acc %.2f%%, balanced acc %.2f%% (%.0f s)",
+            i, len(todo), spec.name, split, 100 * record[f"{split}_acc"], 100 * record[f"{split}_balanced_acc"], record["wall_s"],
         )
     return len(todo)
 
@@ -246,6 +247,9 @@ def run_study(cfg: Config, out: Path) -> Path:
             write_config(cfg, out)
             encoders = pretrain_all(cfg, out)
             run_downstream(cfg, out, run_specs(cfg, encoders, out))
+        if not cfg.downstream.test:
+            log.info("tuning study (downstream.test: false): no report; compare the val_* fields of %s", out / RESULTS)
+            return out / RESULTS
         return build_report(out)
 
 

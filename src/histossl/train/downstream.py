@@ -267,13 +267,16 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
             return module.head(torch.from_numpy(features[rows])).numpy()
         return predict(module, data.images, rows)
 
+    val_logits, val_labels = logits_of(data.val), data.labels[data.val]
+    val = classification_metrics(val_logits, val_labels, n_classes)  # argmax decisions: what tuning compares
     threshold = None
     if d.threshold == "val" and n_classes == 2:  # chosen on validation, with the selected weights
-        threshold = best_threshold(logits_of(data.val), data.labels[data.val])
-    # The test split, once, with the weights and threshold chosen on validation.
-    test_logits = logits_of(data.test)
+        threshold = best_threshold(val_logits, val_labels)
+    # The test split, once, with the weights and threshold chosen on validation (never in a tuning study).
     test_labels = data.labels[data.test]
-    metrics = classification_metrics(test_logits, test_labels, n_classes, threshold)
+    metrics = dict.fromkeys(("loss", "acc", "balanced_acc", "macro_f1", "auroc", "confusion_matrix"))
+    if d.test:
+        metrics = classification_metrics(logits_of(data.test), test_labels, n_classes, threshold)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {
         "method": spec.method,
@@ -293,7 +296,7 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         "test_balanced_acc": metrics["balanced_acc"],
         "test_macro_f1": metrics["macro_f1"],
         "test_auroc": metrics["auroc"],
-        "n_test": int(len(data.test)),
+        "n_test": int(len(data.test)) if d.test else 0,
         "wall_s": round(time.time() - start, 2),
         "encoder": spec.encoder,
         "run": f"downstream/{spec.name}",
@@ -306,7 +309,11 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         "n_val": int(len(data.val)),
         "classes": list(data.classes),
         "confusion_matrix": metrics["confusion_matrix"],
-        "test_majority_acc": majority_accuracy(test_labels),
+        "test_majority_acc": majority_accuracy(test_labels) if d.test else None,
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+        "val_balanced_acc": val["balanced_acc"],
+        "val_auroc": val["auroc"],
         "config": "config.yaml",
     }
 

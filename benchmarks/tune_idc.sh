@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 5's tuning sweep: variants of configs/idc-cpu.yaml at 5% labels, 3 seeds, fine-tuned and
+# frozen, evaluated on the VALIDATION patients only (downstream.test=false: the test split is never
+# read). One study folder per variant under out/tune/; the table compares val_* fields.
+# About 80 minutes on 2 CPU cores; rerun to resume.   bash benchmarks/tune_idc.sh
+set -euo pipefail
+base=(configs/idc-cpu.yaml --set downstream.test=false --set "downstream.fractions=[0.05]")
+simclr_only=(--set "encoders={simclr: {method: simclr}}")
+
+# Downstream protocol (SimCLR encoder of idc-cpu, reused; the supervised baseline under the same protocol).
+reuse() {  # copy idc-cpu's finished SimCLR stage (same stage key) instead of training it again
+  mkdir -p "out/tune/$1/pretrain"
+  for stage in out/idc-cpu/pretrain/simclr_idc_*; do
+    [ -f "$stage/stage.json" ] && cp -rn "$stage" "out/tune/$1/pretrain/"
+  done
+  return 0
+}
+study() { local name=$1; shift; reuse "$name"; histossl study "${base[@]}" "${simclr_only[@]}" "$@" --out "out/tune/$name"; }
+study base
+study steps100 --set downstream.steps=100
+study enc_lr_0.1 --set downstream.encoder_lr_scale=0.1
+study linear_head --set downstream.head=linear
+# Pretext settings (SimCLR only; the downstream protocol of base).
+nobase=(--set "downstream.baselines=[]")
+study temp0.1 "${nobase[@]}" --set pretrain.method.temperature=0.1
+study temp0.5 "${nobase[@]}" --set pretrain.method.temperature=0.5
+study crop0.2 "${nobase[@]}" --set pretrain.views.crop_scale_min=0.2
+python benchmarks/tune_table.py out/tune/*
