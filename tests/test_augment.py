@@ -259,3 +259,73 @@ def test_rotations_of_a_square_keep_pixels():
     ]
     assert len(set(turns)) == 4
     assert math.isclose(out.sum().item(), x.sum().item(), rel_tol=1e-6)
+
+
+def _uint8_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Cache-layout uint8 images ``(B, H, W, 3)`` with random pixels."""
+    return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_uint8_cpu_path_flips_and_turns_are_the_eight_symmetries_of_the_image():
+    # The CPU path of a uint8 batch (several chunks): no crop, no resize, exact pixel permutations.
+    cfg = dataclasses.replace(ALL_OFF, hflip=True, vflip=True, rot90=True)
+    images = _uint8_images(64, 8)
+    out = augment.random_view(images, cfg, 8, torch.Generator().manual_seed(0))
+    assert 64 > augment._CPU_CHUNK and out.dtype == torch.float32 and out.shape == (64, 3, 8, 8)
+    x = augment.to_float(images)
+    symmetries = [lambda t, k=k: torch.rot90(t, k, (-2, -1)) for k in range(4)]
+    symmetries += [lambda t, k=k: torch.rot90(t.flip(-1), k, (-2, -1)) for k in range(4)]
+    seen = [next(j for j, s in enumerate(symmetries) if torch.equal(o, s(xi))) for o, xi in zip(out, x)]
+    assert set(seen) == set(range(8))
+    normalized = augment.random_view(images, cfg, 8, torch.Generator().manual_seed(0), normalized=True)
+    assert torch.allclose(normalized, augment.normalize(out), atol=1e-6)
+
+
+def test_uint8_cpu_crops_are_whole_pixel_windows():
+    # Areas in [1/4, 1], ratio 1, of a 16 px image, resized to 8 px: the draws that give an 8 px window
+    # need no resampling, so whole-pixel boxes make them exact windows of the image.
+    cfg = dataclasses.replace(ALL_OFF, crop=True, crop_scale_min=0.25, crop_ratio_max=1.0)
+    images = _uint8_images(1, 16).expand(200, 16, 16, 3).contiguous()
+    out = augment._crop_uint8(images, cfg, 8, torch.Generator().manual_seed(0))
+    planes = images[0].permute(2, 0, 1)
+    windows = [
+        (x0, y0)
+        for o in out
+        for y0 in range(9)
+        for x0 in range(9)
+        if torch.equal(o, planes[:, y0 : y0 + 8, x0 : x0 + 8])
+    ]
+    assert len(windows) >= 5 and len(set(windows)) >= 3
+    full = augment._crop_uint8(images, dataclasses.replace(cfg, crop_scale_min=1.0), 16, torch.Generator().manual_seed(1))
+    assert torch.equal(full, planes.expand(200, 3, 16, 16))  # a full-image box is the image itself
+
+
+def test_uint8_cpu_crop_corners_are_uniform_and_boxes_fit():
+    cfg = dataclasses.replace(ALL_OFF, crop=True, crop_scale_min=0.3, crop_ratio_max=4 / 3)
+    # A ramp image: the top-left output pixel tells the crop's corner (to within the bilinear resize).
+    ramp = torch.arange(40).view(1, 40, 1, 1).expand(1024, 40, 40, 3).to(torch.uint8).contiguous()  # value = row
+    out = augment._crop_uint8(ramp, cfg, 40, torch.Generator().manual_seed(0))
+    top = out[:, 0, 0, 0].float()
+    bottom = out[:, 0, -1, 0].float()
+    assert top.min() <= 2 and bottom.max() >= 37 and (bottom >= top).all()
+    assert top.std() > 3  # corners spread over the image, not stuck at one place
+
+
+def test_random_view_same_seed_same_view_on_the_cpu():
+    images = _uint8_images(20, 16)
+    a = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))
+    b = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))
+    c = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_contrast_blends_towards_each_images_mean_grey():
+    x = torch.rand(32, 3, 8, 8) * 0.2 + 0.4  # mid-range: no clamping for factors in [0.6, 1.4]
+    out = augment.color_jitter(x, 0.0, 0.4, 0.0, 0.0, p=1.0, generator=torch.Generator().manual_seed(0))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    mean = (x * luma).sum(1).mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    c = ((out - mean) / (x - mean)).flatten(1)
+    assert (c.std(dim=1) < 1e-3).all()  # one factor per image
+    assert c[:, 0].min() >= 0.6 - 1e-3 and c[:, 0].max() <= 1.4 + 1e-3 and c[:, 0].std() > 0.1
+    assert torch.allclose((out * luma).sum(1).mean(dim=(1, 2)), mean.flatten(), atol=1e-5)  # mean grey kept

@@ -84,11 +84,11 @@ def to_float(batch: Tensor) -> Tensor:
     return out.copy_(batch.permute(0, 3, 1, 2)).div_(255.0)  # two passes, no strided float copy
 
 
-def normalize(x: Tensor) -> Tensor:
-    """ImageNet mean/std normalisation of a float ``(B, 3, H, W)`` batch in ``[0, 1]`` (one pass)."""
+def normalize(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """ImageNet mean/std normalisation of a float ``(B, 3, H, W)`` batch in ``[0, 1]`` (one pass, into ``out`` if given)."""
     scale = _constant("imagenet_inv_std", x).view(1, 3, 1, 1)
     shift = _constant("imagenet_shift", x).view(1, 3, 1, 1)
-    return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, x, scale, out=out) if out is not None else torch.addcmul(shift, x, scale)
 
 
 def _constant(name: str, x: Tensor) -> Tensor:
@@ -308,11 +308,13 @@ def color_jitter(
     """Colour jitter with independent factors per sample, applied with probability ``p`` per sample.
 
     Factors follow torchvision's ColorJitter: brightness, contrast and saturation in
-    ``[max(0, 1 - s), 1 + s]``, hue in ``[-hue, hue]`` (a fraction of a full turn), with a clamp to
-    ``[0, 1]`` after brightness and after contrast. Deviations, for few batched passes: the order is
-    fixed (brightness, contrast, saturation, hue) instead of a random permutation; the hue shift is a
-    rotation of the YIQ chroma plane instead of an HSV round trip; and saturation and hue share one 3x3
-    matrix per sample, so the clamp between them is skipped. Samples that are not jittered get identity
+    ``[max(0, 1 - s), 1 + s]``, hue in ``[-hue, hue]`` (a fraction of a full turn). Deviations, for
+    one pass over the pixels: the order is fixed (brightness, contrast, saturation, hue) instead of a
+    random permutation; the hue shift is a rotation of the YIQ chroma plane instead of an HSV round
+    trip; and the four are one 3x3 matrix and offset per sample (all are linear in the pixel, the
+    contrast mean is one number per image), so torchvision's clamps to ``[0, 1]`` after brightness and
+    contrast become one clamp at the end (a highlight that a factor above 1 pushes past 1 is no longer
+    flattened before the contrast and saturation steps). Samples that are not jittered get identity
     factors, which leave them bit-exact.
 
     Args:
@@ -355,10 +357,11 @@ def _colour_and_grey(
     grey_p: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Colour jitter (see ``color_jitter``) then random grayscale, the linear parts in one matrix.
+    """Colour jitter (see ``color_jitter``) then random grayscale, as one matrix and offset per sample.
 
-    Saturation, hue and grayscale are each a 3x3 matrix per sample, so ``random_view`` multiplies them
-    into one and touches the pixels once (grayscale: every row is the luma; not applied: the identity).
+    Brightness, contrast, saturation, hue and grayscale are each a 3x3 matrix per sample (contrast with
+    a grey offset), so ``random_view`` multiplies them into one and touches the pixels once after the
+    contrast mean (grayscale: every row is the luma; not applied: the identity).
     """
     jitter = jitter_p > 0 and bool(brightness or contrast or saturation or hue)
     if not jitter and grey_p <= 0:
@@ -367,6 +370,7 @@ def _colour_and_grey(
     eye = torch.eye(3, device=x.device, dtype=x.dtype)
     luma = _constant("luma", x)
     matrix = None  # (B, 3, 3) acting on column pixels; None: the identity
+    offset = None  # (B, 3) added after ``matrix``; None: zero
     if jitter:
         apply = _bernoulli(b, jitter_p, x, generator)
 
@@ -375,12 +379,17 @@ def _colour_and_grey(
             return torch.where(apply, f, torch.ones_like(f))
 
         if brightness:
-            x = (x * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
+            gain = factor(brightness)
+            matrix = gain.view(-1, 1, 1) * eye
         if contrast:
-            # Blend towards the mean grey level of each image (torchvision's adjust_contrast).
+            # Blend towards the mean grey level of each (brightened) image, as torchvision's
+            # adjust_contrast: c * x + (1 - c) * mean, the mean as one offset per sample.
             c = factor(contrast)
-            mean = (x.mean(dim=(2, 3)) @ luma) * (1 - c)  # (B,)
-            x = torch.addcmul(mean.view(-1, 1, 1, 1), x, c.view(-1, 1, 1, 1)).clamp_(0, 1)
+            mean = x.mean(dim=(2, 3)) @ luma  # (B,)
+            if brightness:
+                mean = mean * gain
+            offset = ((1 - c) * mean).view(-1, 1).expand(b, 3)
+            matrix = c.view(-1, 1, 1) * (eye if matrix is None else matrix)
         if saturation:
             # Blend towards the per-pixel grey: s * I + (1 - s) * 1 luma^T.
             s = factor(saturation).view(-1, 1, 1)
@@ -407,12 +416,16 @@ def _colour_and_grey(
         grey = _bernoulli(b, grey_p, x, generator).view(-1, 1, 1)
         grey_matrix = torch.where(grey, luma.view(1, 1, 3).expand(b, 3, 3), eye)
         matrix = grey_matrix if matrix is None else grey_matrix @ matrix
+        # The contrast offset is grey (equal in R, G, B); saturation, hue and grayscale map grey to
+        # itself (their rows sum to 1), so it passes through them unchanged.
     if matrix is None:
         return x
-    return _apply_colour_matrix(x, matrix).clamp_(0, 1)
+    return _apply_colour_matrix(x, matrix, offset).clamp_(0, 1)
 
 
-def gaussian_blur(x: Tensor, sigma_max: float, p: float, generator: torch.Generator | None = None) -> Tensor:
+def gaussian_blur(
+    x: Tensor, sigma_max: float, p: float, generator: torch.Generator | None = None, inplace: bool = False
+) -> Tensor:
     """Gaussian blur with probability ``p`` and a per-sample sigma in ``[0.1, sigma_max]`` pixels.
 
     SimCLR (Chen et al. 2020, arXiv 2002.05709) draws sigma in [0.1, 2.0]; the kernel radius here is
@@ -425,6 +438,7 @@ def gaussian_blur(x: Tensor, sigma_max: float, p: float, generator: torch.Genera
         sigma_max: largest standard deviation in pixels (at least 0.1).
         p: probability per sample.
         generator: source of randomness on ``x``'s device.
+        inplace: on a CPU, write the blurred samples into ``x`` instead of a copy.
     """
     if p <= 0 or sigma_max <= 0:
         return x
@@ -438,7 +452,9 @@ def gaussian_blur(x: Tensor, sigma_max: float, p: float, generator: torch.Genera
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     chosen = _selected(apply)
     if chosen is not None:  # CPU: blur only the selected samples (p = 0.2 of them by default)
-        return x if len(chosen) == 0 else x.index_copy(0, chosen, _separable_blur(x[chosen], kernel[chosen], radius))
+        if len(chosen) == 0:
+            return x
+        return (x.index_copy_ if inplace else x.index_copy)(0, chosen, _separable_blur(x[chosen], kernel[chosen], radius))
     impulse = (taps == 0).to(x.dtype).expand_as(kernel)
     return _separable_blur(x, torch.where(apply.view(-1, 1), kernel, impulse), radius)
 
@@ -454,7 +470,9 @@ def _separable_blur(x: Tensor, kernel: Tensor, radius: int) -> Tensor:
     return y.view(n, c, h, w)
 
 
-def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.Generator | None = None) -> Tensor:
+def hed_jitter(
+    x: Tensor, sigma: float, bias: float, p: float, generator: torch.Generator | None = None, inplace: bool = False
+) -> Tensor:
     """Stain augmentation in HED space, with probability ``p`` and independent noise per sample.
 
     Tellez et al. 2018, "Quantifying the effects of data augmentation and stain color normalization in
@@ -477,6 +495,7 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.
         bias: additive noise on H and E (optical density).
         p: probability per sample.
         generator: source of randomness on ``x``'s device.
+        inplace: on a CPU, write the jittered samples into ``x`` instead of a copy.
     """
     if p <= 0:
         return x
@@ -503,7 +522,8 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.
         if len(chosen) == 0:
             return x
         log_rgb = x[chosen].clamp_(min=_OD_EPS).log_()
-        return x.index_copy(0, chosen, _apply_colour_matrix(log_rgb, matrix[chosen], offset[chosen]).exp_().clamp_(max=1))
+        jittered = _apply_colour_matrix(log_rgb, matrix[chosen], offset[chosen]).exp_().clamp_(max=1)
+        return (x.index_copy_ if inplace else x.index_copy)(0, chosen, jittered)
     log_rgb = x.clamp(min=_OD_EPS).log_()
     return _apply_colour_matrix(log_rgb, matrix, offset).exp_().clamp_(max=1)
 
@@ -512,25 +532,55 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, p: float, generator: torch.
 # A whole view
 
 
-def random_view(x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generator | None = None) -> Tensor:
+# Images per pass on a CPU: a chunk's float planes (8 x 3 x 224 x 224 x 4 B = 4.8 MB) stay in the
+# caches from one op to the next, where a whole batch would stream through main memory at every op.
+_CPU_CHUNK = 8
+
+
+def random_view(
+    x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generator | None = None, normalized: bool = False
+) -> Tensor:
     """One random view per image, every parameter drawn independently per sample.
 
-    Order: random resized crop with flips and quarter turns folded into the same sampling grid (one
-    bilinear resample), then HED stain jitter, colour jitter, grayscale and blur. The stain jitter comes
-    before the colour jitter because colour deconvolution assumes the real stain colours of the slide,
-    which a hue shift would no longer have. With ``cfg.crop`` off the image is resized to ``size`` (only
-    if needed) and flipped/rotated exactly.
+    Order: random resized crop with flips and quarter turns, then HED stain jitter, colour jitter,
+    grayscale and blur. The stain jitter comes before the colour jitter because colour deconvolution
+    assumes the real stain colours of the slide, which a hue shift would no longer have. With
+    ``cfg.crop`` off the image is resized to ``size`` (only if needed) and flipped/rotated exactly.
+
+    On a GPU the whole batch goes through each op at once; the crop, flips and quarter turns are one
+    bilinear ``grid_sample`` with sub-pixel boxes. On a CPU the batch is processed in chunks of
+    ``_CPU_CHUNK`` images that stay in the caches, and a uint8 batch is cropped per image with whole-pixel
+    boxes and torch's uint8 (SIMD) bilinear resize with antialiasing, then converted to float: the
+    torchvision ``RandomResizedCrop`` of a uint8 tensor, without a float pass over the full-size image.
+    Both draw the boxes from the same distribution.
 
     Args:
-        x: float ``(B, 3, H, W)`` in ``[0, 1]``.
+        x: a uint8 cache batch ``(B, H, W, 3)``, or float ``(B, 3, H, W)`` in ``[0, 1]``.
         cfg: which ops are on and their strengths; a probability of 0 or ``False`` skips the op.
         size: output side.
         generator: source of randomness on ``x``'s device.
+        normalized: apply ``normalize`` (ImageNet mean and std) to the view.
 
     Returns:
-        float ``(B, 3, size, size)`` in ``[0, 1]``, not normalised.
+        float ``(B, 3, size, size)``; in ``[0, 1]`` unless ``normalized``.
     """
-    if cfg.crop:
+    if x.device.type != "cpu":
+        return _view(x if x.is_floating_point() else to_float(x), cfg, size, generator, normalized)
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    out = torch.empty((x.shape[0], 3, size, size), dtype=dtype)
+    for start in range(0, x.shape[0], _CPU_CHUNK):
+        _view(x[start : start + _CPU_CHUNK], cfg, size, generator, normalized, out[start : start + _CPU_CHUNK])
+    return out
+
+
+def _view(
+    x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generator | None, normalized: bool, out: Tensor | None = None
+) -> Tensor:
+    """``random_view`` of one batch (GPU) or chunk (CPU, written into ``out``)."""
+    own = not x.is_floating_point()  # the ops below may then work in place on the intermediate images
+    if not x.is_floating_point():  # uint8 (B, H, W, 3), CPU
+        x = _crop_uint8(x, cfg, size, generator).float().div_(255.0)
+    elif cfg.crop:
         boxes = _crop_boxes(x, (cfg.crop_scale_min, 1.0), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max), generator)
         x = _sample_boxes(x, boxes, size, _dihedral(x, cfg.hflip, cfg.vflip, cfg.rot90, generator))
     else:
@@ -539,7 +589,7 @@ def random_view(x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generato
         x = _random_flips(x, cfg.hflip, cfg.vflip, generator)
         if cfg.rot90:
             x = rotate90(x, torch.randint(0, 4, (x.shape[0],), generator=generator, device=x.device))
-    x = hed_jitter(x, cfg.hed_jitter_sigma, cfg.hed_jitter_bias, cfg.hed_jitter_prob, generator)
+    x = hed_jitter(x, cfg.hed_jitter_sigma, cfg.hed_jitter_bias, cfg.hed_jitter_prob, generator, inplace=own)
     x = _colour_and_grey(
         x,
         cfg.color_jitter_brightness,
@@ -550,7 +600,50 @@ def random_view(x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generato
         cfg.grayscale_prob,
         generator,
     )
-    return gaussian_blur(x, cfg.blur_sigma_max, cfg.blur_prob, generator)
+    x = gaussian_blur(x, cfg.blur_sigma_max, cfg.blur_prob, generator, inplace=own)
+    if normalized:
+        return normalize(x, out=out)
+    return x if out is None else out.copy_(x)
+
+
+def _crop_uint8(x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generator | None) -> Tensor:
+    """Crop (or not), resize, flip and turn each image of a uint8 CPU batch; ``(B, H, W, 3)`` -> ``(B, 3, size, size)``.
+
+    Boxes come from ``_crop_boxes`` rounded to whole pixels as torchvision's ``RandomResizedCrop``
+    (``w, h = round(...)``, corner uniform over the integer positions); the resize is
+    ``F.interpolate(bilinear, antialias=True)`` on the channels-last uint8 image, which torch runs with
+    its SIMD uint8 kernel. Flips (probability 0.5 each) then a uniform quarter turn, as ``_dihedral``.
+    """
+    b, height, width, _ = x.shape
+    shape = torch.empty((), dtype=torch.float32).expand(b, 3, height, width)  # shape and dtype for the draws
+    if cfg.crop:
+        boxes = _crop_boxes(shape, (cfg.crop_scale_min, 1.0), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max), generator)
+        w = boxes[:, 2].round().clamp(1, width)
+        h = boxes[:, 3].round().clamp(1, height)
+        # _crop_boxes' corner is u * (side - box) for u ~ U(0, 1): whole pixels, uniform over side - box + 1 places
+        x0 = (boxes[:, 0] / (width - boxes[:, 2]).clamp(min=1e-6) * (width - w + 1)).floor().clamp(max=width - w)
+        y0 = (boxes[:, 1] / (height - boxes[:, 3]).clamp(min=1e-6) * (height - h + 1)).floor().clamp(max=height - h)
+        crops = torch.stack([x0, y0, w, h], 1).long().tolist()
+    else:
+        crops = [[0, 0, width, height]] * b
+    hflip = _bernoulli(b, 0.5, shape, generator).tolist() if cfg.hflip else [False] * b
+    vflip = _bernoulli(b, 0.5, shape, generator).tolist() if cfg.vflip else [False] * b
+    turns = torch.randint(0, 4, (b,), generator=generator).tolist() if cfg.rot90 else [0] * b
+    out = torch.empty((b, 3, size, size), dtype=torch.uint8)
+    planes = x.permute(0, 3, 1, 2)  # (B, 3, H, W) views of channels-last images
+    for i, (x0, y0, w, h) in enumerate(crops):
+        image = planes[i : i + 1, :, y0 : y0 + h, x0 : x0 + w]
+        if (h, w) != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        image = image[0]
+        if hflip[i]:
+            image = image.flip(-1)
+        if vflip[i]:
+            image = image.flip(-2)
+        if turns[i]:
+            image = torch.rot90(image, turns[i], dims=(-2, -1))
+        out[i] = image
+    return out
 
 
 def _time_views(batch: int = 128, sizes: tuple[int, ...] = (64, 224), repeats: int = 20) -> None:
@@ -563,12 +656,12 @@ def _time_views(batch: int = 128, sizes: tuple[int, ...] = (64, 224), repeats: i
         images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         for _ in range(3):  # warm-up
-            random_view(to_float(images), cfg, size, generator)
+            random_view(images, cfg, size, generator)
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
-            random_view(to_float(images), cfg, size, generator)
+            random_view(images, cfg, size, generator)
         if device == "cuda":
             torch.cuda.synchronize()
         ms = (time.perf_counter() - start) / repeats * 1e3

@@ -48,7 +48,7 @@ class RotNet(nn.Module):
 
     def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, H, W, 3) -> normalised rotated copies (4B, 3, S, S) and rotation labels (4B,)."""
-        x = augment.random_view(augment.to_float(images), self.base_views, self.image_size)
+        x = augment.random_view(images, self.base_views, self.image_size)
         x, labels = rotations(x)
         if self.jitter_each_copy:
             x = colour_jitter(x, self.full_views)

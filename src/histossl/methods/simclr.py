@@ -46,7 +46,6 @@ class SimCLR(nn.Module):
         self.chance = 1.0 / (2 * cfg.batch_size - 1)
 
     def step(self, encoder: nn.Module, images: torch.Tensor) -> PretextOutput:
-        x = augment.to_float(images)
-        views = torch.cat([augment.random_view(x, self.views, self.image_size) for _ in range(2)])
-        z0, z1 = self.projection(encoder(augment.normalize(views))).chunk(2)
+        views = torch.cat([augment.random_view(images, self.views, self.image_size, normalized=True) for _ in range(2)])
+        z0, z1 = self.projection(encoder(views)).chunk(2)
         return PretextOutput(self.loss(z0, z1), positive_is_nearest(z0.detach(), z1.detach()))

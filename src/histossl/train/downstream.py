@@ -98,10 +98,11 @@ class DownstreamModule(RngStateInCheckpoint, pl.LightningModule):
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         if self.encoder is None:
             return self.head(x)
-        x = augment.to_float(x)
         if train:
-            x = augment.random_view(x, self.cfg.downstream.views, self.cfg.image_size)
-        return self.head(self.encoder(augment.normalize(x)))
+            x = augment.random_view(x, self.cfg.downstream.views, self.cfg.image_size, normalized=True)
+        else:
+            x = augment.normalize(augment.to_float(x))
+        return self.head(self.encoder(x))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
