@@ -266,12 +266,13 @@ def _uint8_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def test_uint8_cpu_path_flips_and_turns_are_the_eight_symmetries_of_the_image():
-    # The CPU path of a uint8 batch (several chunks): no crop, no resize, exact pixel permutations.
+def test_uint8_cpu_path_flips_and_turns_are_the_eight_symmetries_of_the_image(monkeypatch):
+    # The CPU path of a uint8 batch in chunks of 5 images: no crop, no resize, exact pixel permutations.
+    monkeypatch.setattr(augment, "_CPU_CHUNK_BYTES", 5 * 3 * 8 * 8 * 4)
     cfg = dataclasses.replace(ALL_OFF, hflip=True, vflip=True, rot90=True)
     images = _uint8_images(64, 8)
     out = augment.random_view(images, cfg, 8, torch.Generator().manual_seed(0))
-    assert 64 > augment._CPU_CHUNK and out.dtype == torch.float32 and out.shape == (64, 3, 8, 8)
+    assert out.dtype == torch.float32 and out.shape == (64, 3, 8, 8)
     x = augment.to_float(images)
     symmetries = [lambda t, k=k: torch.rot90(t, k, (-2, -1)) for k in range(4)]
     symmetries += [lambda t, k=k: torch.rot90(t.flip(-1), k, (-2, -1)) for k in range(4)]
@@ -311,7 +312,8 @@ def test_uint8_cpu_crop_corners_are_uniform_and_boxes_fit():
     assert top.std() > 3  # corners spread over the image, not stuck at one place
 
 
-def test_random_view_same_seed_same_view_on_the_cpu():
+def test_random_view_same_seed_same_view_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(augment, "_CPU_CHUNK_BYTES", 3 * 3 * 12 * 12 * 4)  # chunks of 3 images, on threads
     images = _uint8_images(20, 16)
     a = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))
     b = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -532,9 +533,9 @@ def hed_jitter(
 # A whole view
 
 
-# Images per pass on a CPU: a chunk's float planes (8 x 3 x 224 x 224 x 4 B = 4.8 MB) stay in the
-# caches from one op to the next, where a whole batch would stream through main memory at every op.
-_CPU_CHUNK = 8
+# Bytes of float planes per chunk on a CPU (8 images at 224 px): a chunk stays in the caches from one
+# op to the next, where a whole batch would stream through main memory at every op.
+_CPU_CHUNK_BYTES = 8 * 3 * 224 * 224 * 4
 
 
 def random_view(
@@ -549,7 +550,8 @@ def random_view(
 
     On a GPU the whole batch goes through each op at once; the crop, flips and quarter turns are one
     bilinear ``grid_sample`` with sub-pixel boxes. On a CPU the batch is processed in chunks of
-    ``_CPU_CHUNK`` images that stay in the caches, and a uint8 batch is cropped per image with whole-pixel
+    images that stay in the caches (``_CPU_CHUNK_BYTES``), spread over ``torch.get_num_threads()`` threads (torch
+    releases the GIL), each chunk with its own generator seeded in order from ``generator``; a uint8 batch is cropped per image with whole-pixel
     boxes and torch's uint8 (SIMD) bilinear resize with antialiasing, then converted to float: the
     torchvision ``RandomResizedCrop`` of a uint8 tensor, without a float pass over the full-size image.
     Both draw the boxes from the same distribution.
@@ -568,9 +570,30 @@ def random_view(
         return _view(x if x.is_floating_point() else to_float(x), cfg, size, generator, normalized)
     dtype = x.dtype if x.is_floating_point() else torch.float32
     out = torch.empty((x.shape[0], 3, size, size), dtype=dtype)
-    for start in range(0, x.shape[0], _CPU_CHUNK):
-        _view(x[start : start + _CPU_CHUNK], cfg, size, generator, normalized, out[start : start + _CPU_CHUNK])
+    workers = torch.get_num_threads()
+    fits = max(1, _CPU_CHUNK_BYTES // (3 * size * size * 4))
+    step = min(fits, -(-x.shape[0] // workers))  # at least one chunk per thread
+    starts = range(0, x.shape[0], step)
+    # One generator per chunk, seeded in order from ``generator``: the same views whatever the threads.
+    seeds = torch.randint(0, 2**62, (len(starts),), generator=generator).tolist()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def chunk(start: int, seed: int) -> None:
+        with torch.set_grad_enabled(grad), torch.inference_mode(inference):  # both are per thread
+            part = slice(start, start + step)
+            _view(x[part], cfg, size, torch.Generator().manual_seed(seed), normalized, out[part])
+
+    if workers > 1 and len(starts) > 1:  # chunks on all cores: each op of a small chunk barely parallelises
+        list(_thread_pool(workers).map(chunk, starts, seeds))
+    else:
+        for start, seed in zip(starts, seeds):
+            chunk(start, seed)
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="histossl-views")
 
 
 def _view(
