@@ -46,6 +46,8 @@ class SimCLR(nn.Module):
         self.chance = 1.0 / (2 * cfg.batch_size - 1)
 
     def step(self, encoder: nn.Module, images: torch.Tensor) -> PretextOutput:
-        views = torch.cat([augment.random_view(images, self.views, self.image_size, normalized=True) for _ in range(2)])
+        # Both views in one call: each of the 2B rows gets its own random parameters, and the views
+        # come out as one tensor (no concatenation of two float batches).
+        views = augment.random_view(torch.cat([images, images]), self.views, self.image_size, normalized=True)
         z0, z1 = self.projection(encoder(views)).chunk(2)
         return PretextOutput(self.loss(z0, z1), positive_is_nearest(z0.detach(), z1.detach()))
