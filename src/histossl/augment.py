@@ -2,10 +2,13 @@
 
 Images arrive from the decoded uint8 cache as whole batches. Every op here works on a float batch
 ``(B, 3, H, W)`` in ``[0, 1]`` with tensor ops only: parameters are drawn per sample as ``(B, ...)``
-tensors, probability gates are masks (or identity parameters), and there is no Python loop over the
-batch and no host sync (no ``.item()``, no branching on tensor values), so the same code runs on a CPU
-or a GPU. The only Python branches look at Python numbers from the config: an op that is switched off
-(probability 0, strength 0, ``False``) is skipped and costs nothing.
+tensors, probability gates are masks (or identity parameters), and on a GPU there is no Python loop
+over the batch and no host sync (no ``.item()``, no branching on tensor values). The only Python
+branches look at Python numbers from the config: an op that is switched off (probability 0, strength
+0, ``False``) is skipped and costs nothing. On a CPU, where reading a tensor costs nothing, three
+things differ (see ``random_view``): the batch is processed in cache-sized chunks on all threads,
+uint8 images are cropped per image by torch's SIMD uint8 resize, and an op applied with probability
+p runs on the selected samples only.
 
 torchvision's v2 transforms draw one parameter set per call (one crop, one jitter for the whole batch);
 SimCLR needs two independent views per image and RotNet+Jitter a different jitter per rotated copy,

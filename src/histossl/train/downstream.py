@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from histossl import augment
-from histossl.config import Config
+from histossl.config import Config, DownstreamConfig
 from histossl.metrics import best_threshold, classification_metrics, majority_accuracy
 from histossl.models.backbones import build_encoder
 from histossl.models.heads import classifier_head
@@ -319,7 +319,7 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     }
 
 
-def finetune_epochs(d, batches_per_epoch: int) -> tuple[int, int, int | None]:
+def finetune_epochs(d: DownstreamConfig, batches_per_epoch: int) -> tuple[int, int, int | None]:
     """(epochs, validate every n epochs, batches per epoch or None for all) of a fine-tuning run.
 
     With ``steps`` every fraction gets about the same number of optimizer steps: small subsets get
@@ -336,8 +336,6 @@ def finetune_epochs(d, batches_per_epoch: int) -> tuple[int, int, int | None]:
 
 def frozen_trainer(cfg: Config):
     """A head on cached features is tiny: one CPU process, no progress bar per run."""
-    from dataclasses import replace
-
     return replace(cfg.trainer, accelerator="cpu", devices="1", strategy="auto", num_nodes=1, precision="32-true", progress=False)
 
 
