@@ -552,12 +552,12 @@ def random_view(
     ``cfg.crop`` off the image is resized to ``size`` (only if needed) and flipped/rotated exactly.
 
     On a GPU the whole batch goes through each op at once; the crop, flips and quarter turns are one
-    bilinear ``grid_sample`` with sub-pixel boxes. On a CPU the batch is processed in chunks of
-    images that stay in the caches (``_CPU_CHUNK_BYTES``), spread over ``torch.get_num_threads()`` threads (torch
-    releases the GIL), each chunk with its own generator seeded in order from ``generator``; a uint8 batch is cropped per image with whole-pixel
-    boxes and torch's uint8 (SIMD) bilinear resize with antialiasing, then converted to float: the
-    torchvision ``RandomResizedCrop`` of a uint8 tensor, without a float pass over the full-size image.
-    Both draw the boxes from the same distribution.
+    bilinear ``grid_sample`` with sub-pixel boxes. On a CPU the batch is processed in chunks that stay
+    in the caches (``_CPU_CHUNK_BYTES``), spread over ``torch.get_num_threads()`` threads (torch
+    releases the GIL), each chunk with its own generator seeded in order from ``generator``; a uint8
+    batch is cropped per image with whole-pixel boxes and torch's uint8 (SIMD) bilinear resize with
+    antialiasing, then converted to float: torchvision's ``RandomResizedCrop`` of a uint8 tensor,
+    without a float pass over the full-size image. Both draw the boxes from the same distribution.
 
     Args:
         x: a uint8 cache batch ``(B, H, W, 3)``, or float ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -603,7 +603,7 @@ def _view(
     x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generator | None, normalized: bool, out: Tensor | None = None
 ) -> Tensor:
     """``random_view`` of one batch (GPU) or chunk (CPU, written into ``out``)."""
-    own = not x.is_floating_point()  # the ops below may then work in place on the intermediate images
+    source = x
     if not x.is_floating_point():  # uint8 (B, H, W, 3), CPU
         x = _crop_uint8(x, cfg, size, generator).float().div_(255.0)
     elif cfg.crop:
@@ -615,6 +615,7 @@ def _view(
         x = _random_flips(x, cfg.hflip, cfg.vflip, generator)
         if cfg.rot90:
             x = rotate90(x, torch.randint(0, 4, (x.shape[0],), generator=generator, device=x.device))
+    own = x is not source  # a new tensor: the steps below may write into it
     x = hed_jitter(x, cfg.hed_jitter_sigma, cfg.hed_jitter_bias, cfg.hed_jitter_prob, generator, inplace=own)
     x = _colour_and_grey(
         x,
