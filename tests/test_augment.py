@@ -323,11 +323,39 @@ def test_random_view_same_seed_same_view_on_the_cpu(monkeypatch):
 
 
 def test_contrast_blends_towards_each_images_mean_grey():
-    x = torch.rand(32, 3, 8, 8) * 0.2 + 0.4  # mid-range: no clamping for factors in [0.6, 1.4]
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4  # no clamping in [0.6, 1.4]
     out = augment.color_jitter(x, 0.0, 0.4, 0.0, 0.0, p=1.0, generator=torch.Generator().manual_seed(0))
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     mean = (x * luma).sum(1).mean(dim=(1, 2)).view(-1, 1, 1, 1)
-    c = ((out - mean) / (x - mean)).flatten(1)
-    assert (c.std(dim=1) < 1e-3).all()  # one factor per image
+    c = _slopes(x - mean, out - mean)
+    assert torch.allclose(out - mean, c.view(-1, 1, 1, 1) * (x - mean), atol=1e-5)  # one factor per image
+    c = c.view(-1, 1)
     assert c[:, 0].min() >= 0.6 - 1e-3 and c[:, 0].max() <= 1.4 + 1e-3 and c[:, 0].std() > 0.1
     assert torch.allclose((out * luma).sum(1).mean(dim=(1, 2)), mean.flatten(), atol=1e-5)  # mean grey kept
+
+
+def _slopes(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Least-squares factor k per sample with outputs ~ k * inputs."""
+    a, b = inputs.flatten(1), outputs.flatten(1)
+    return (a * b).sum(1) / (a * a).sum(1)
+
+
+def test_brightness_contrast_and_saturation_compose():
+    # Mid-range colours and mild factors: no clamping, so the three steps compose exactly. Luma:
+    # brightness scales it, contrast blends it towards its mean, saturation keeps it. Chroma (the
+    # pixel minus its luma): all three scale it.
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4
+    out = augment.color_jitter(x, 0.2, 0.2, 0.3, 0.0, p=1.0, generator=torch.Generator().manual_seed(0))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    y_in, y_out = (x * luma).sum(1, keepdim=True), (out * luma).sum(1, keepdim=True)
+    m_in = y_in.mean(dim=(2, 3), keepdim=True)
+    b = y_out.mean(dim=(2, 3), keepdim=True) / m_in  # contrast and saturation keep the mean luma
+    bc = _slopes(y_in - m_in, y_out - b * m_in).view(-1, 1, 1, 1)
+    assert torch.allclose(y_out, b * m_in + bc * (y_in - m_in), atol=1e-5)
+    c = bc.flatten() / b.flatten()
+    assert b.min() >= 0.8 - 1e-4 and b.max() <= 1.2 + 1e-4 and b.std() > 0.05
+    assert c.min() >= 0.8 - 1e-3 and c.max() <= 1.2 + 1e-3 and c.std() > 0.05
+    bcs = _slopes(x - y_in, out - y_out).view(-1, 1, 1, 1)
+    assert torch.allclose(out - y_out, bcs * (x - y_in), atol=1e-5)
+    s = bcs.flatten() / bc.flatten()
+    assert s.min() >= 0.7 - 1e-3 and s.max() <= 1.3 + 1e-3 and s.std() > 0.05

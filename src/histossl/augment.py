@@ -397,7 +397,8 @@ def _colour_and_grey(
         if saturation:
             # Blend towards the per-pixel grey: s * I + (1 - s) * 1 luma^T.
             s = factor(saturation).view(-1, 1, 1)
-            matrix = s * eye + (1 - s) * luma.view(1, 1, 3)
+            saturation_matrix = s * eye + (1 - s) * luma.view(1, 1, 3)
+            matrix = saturation_matrix if matrix is None else saturation_matrix @ matrix
         if hue:
             theta = _uniform((b,), -hue, hue, x, generator) * (2 * math.pi)
             theta = torch.where(apply, theta, torch.zeros_like(theta))
