@@ -2,7 +2,8 @@
 # Issue 5's tuning sweep: variants of configs/idc-cpu.yaml at 5% labels, 3 seeds, fine-tuned and
 # frozen, evaluated on the VALIDATION patients only (downstream.test=false: the test split is never
 # read). One study folder per variant under out/tune/; the table compares val_* fields.
-# About 80 minutes on 2 CPU cores; rerun to resume.   bash benchmarks/tune_idc.sh
+# About 80 minutes on 2 CPU cores (after benchmarks/idc.sh, whose SimCLR stage the first four reuse);
+# rerun to resume.   bash benchmarks/tune_idc.sh
 set -euo pipefail
 base=(configs/idc-cpu.yaml --set downstream.test=false --set "downstream.fractions=[0.05]")
 simclr_only=(--set "encoders={simclr: {method: simclr}}")
@@ -15,12 +16,12 @@ reuse() {  # copy idc-cpu's finished SimCLR stage (same stage key) instead of tr
   done
   return 0
 }
-study() { local name=$1; shift; reuse "$name"; histossl study "${base[@]}" "${simclr_only[@]}" "$@" --out "out/tune/$name"; }
-study base
-study steps100 --set downstream.steps=100
-study enc_lr_0.1 --set downstream.encoder_lr_scale=0.1
-study linear_head --set downstream.head=linear
-# Pretext settings (SimCLR only; the downstream protocol of base).
+study() { local name=$1; shift; histossl study "${base[@]}" "${simclr_only[@]}" "$@" --out "out/tune/$name"; }
+reuse base && study base
+reuse steps100 && study steps100 --set downstream.steps=100
+reuse enc_lr_0.1 && study enc_lr_0.1 --set downstream.encoder_lr_scale=0.1
+reuse linear_head && study linear_head --set downstream.head=linear
+# Pretext settings: a new SimCLR stage each, SimCLR only, the downstream protocol of base.
 nobase=(--set "downstream.baselines=[]")
 study temp0.1 "${nobase[@]}" --set pretrain.method.temperature=0.1
 study temp0.5 "${nobase[@]}" --set pretrain.method.temperature=0.5
