@@ -43,3 +43,15 @@ def test_committed_split_subsets_and_records_reproduce(name, shared_data, tmp_pa
         for r in (r for r in records if r["seed"] == seed):
             assert r["n_labeled"] == len(subsets[r["label_fraction"]]), r["run"]
             assert r["n_test"] == int((split == "test").sum()) and r["n_val"] == int((split == "val").sum())
+
+
+def test_committed_tuning_sweep_never_evaluated_the_test_split():
+    variants = sorted(p for p in (DOCS / "tuning").iterdir() if p.is_dir())
+    assert len(variants) == 7
+    for folder in variants:
+        cfg = config.load(folder / "config.yaml")
+        assert cfg.downstream.test is False and cfg.downstream.fractions == [0.05], folder.name
+        records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        assert records and all(r["test_acc"] is None and r["n_test"] == 0 for r in records), folder.name
+        assert all(0 < r["val_balanced_acc"] <= 1 for r in records), folder.name
+        assert {r["seed"] for r in records} == {0, 1, 2}, folder.name
