@@ -359,3 +359,55 @@ def test_brightness_contrast_and_saturation_compose():
     assert torch.allclose(out - y_out, bcs * (x - y_in), atol=1e-5)
     s = bcs.flatten() / bc.flatten()
     assert s.min() >= 0.7 - 1e-3 and s.max() <= 1.3 + 1e-3 and s.std() > 0.05
+
+
+def test_fused_uint8_path_equals_the_ops_one_by_one(monkeypatch):
+    # A uint8 CPU batch takes a fused path (division by 255, colour matrix and normalisation in one
+    # product; blur after normalising): given the same draws it must equal the documented ops in turn.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one chunk, so the draws can be replayed
+    cfg = dataclasses.replace(ViewConfig(), hed_jitter_prob=0.5, blur_prob=0.5, grayscale_prob=0.3)
+    coarse = torch.randint(20, 236, (16, 4, 4, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images = F.interpolate(coarse.permute(0, 3, 1, 2).float(), size=(20, 20), mode="bilinear")
+    images = images.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # smooth tissue-like pictures
+    for normalized in (False, True):
+        out = augment.random_view(images, cfg, 16, torch.Generator().manual_seed(5), normalized=normalized)
+        seed = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)).item()
+        g = torch.Generator().manual_seed(seed)  # random_view's generator for its one chunk
+        x = augment._crop_uint8(images, cfg, 16, g).float() / 255
+        x = augment.hed_jitter(x, cfg.hed_jitter_sigma, cfg.hed_jitter_bias, cfg.hed_jitter_prob, g)
+        x = augment._colour_and_grey(
+            x,
+            cfg.color_jitter_brightness,
+            cfg.color_jitter_contrast,
+            cfg.color_jitter_saturation,
+            cfg.color_jitter_hue,
+            cfg.color_jitter_prob,
+            cfg.grayscale_prob,
+            g,
+        )
+        x = augment.gaussian_blur(x, cfg.blur_sigma_max, cfg.blur_prob, g)
+        expected = augment.normalize(x) if normalized else x
+        assert torch.allclose(out, expected, atol=2e-5), (out - expected).abs().max()
+        assert not torch.allclose(out[: len(out) // 2], out[len(out) // 2 :])  # the ops did something
+
+
+def test_cpu_views_never_overwrite_a_batch_that_is_still_held():
+    images = _uint8_images(4, 16)
+    a = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(0))
+    kept = a.clone()
+    b = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(1))
+    assert torch.equal(a, kept) and a.data_ptr() != b.data_ptr()
+    freed = b.data_ptr()
+    del b
+    c = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(2))
+    assert c.data_ptr() == freed  # a dropped batch's memory is reused (no fresh pages for each batch)
+    # Autograd keeping the views for the backward pass counts as holding them.
+    weight = torch.ones(1, 3, 1, 1, requires_grad=True)
+    loss = F.conv2d(c, weight).square().sum()
+    saved = c.clone()
+    del c
+    d = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))
+    assert d.data_ptr() != freed
+    loss.backward()
+    assert torch.allclose(weight.grad.flatten(), (2 * saved * saved.sum(1, keepdim=True)).sum(dim=(0, 2, 3)), rtol=1e-4)
+    assert torch.equal(a, kept)
