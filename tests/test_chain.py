@@ -46,11 +46,11 @@ def test_two_stage_chain_oral_then_idc_starts_from_first_stage(shared_data, tmp_
     paths = study.run_pretrain(cfg, out)
     stages = pretrain.plan_stages(cfg, cfg.encoders["chain"])
     assert [s.chain for s in stages] == ["oral", "oral>idc"]
-    assert paths["chain"] == out / "pretrain" / stages[1].folder / "encoder.safetensors"
+    assert paths["chain"] == [out / "pretrain" / stages[1].folder / "encoder.safetensors"]
     first_final = load_file(str(out / "pretrain" / stages[0].folder / "encoder.safetensors"))
     (init1, _), (init2, second_start) = starts
     assert init1 == "random" and init2.endswith(f"{stages[0].folder}/encoder.safetensors")
     assert first_final.keys() == second_start.keys()
     assert all(torch.equal(first_final[k], second_start[k]) for k in first_final)
-    second_final = load_file(str(paths["chain"]))
+    second_final = load_file(str(paths["chain"][0]))
     assert any(not torch.equal(first_final[k], second_final[k]) for k in first_final if k.endswith("weight"))

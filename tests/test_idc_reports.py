@@ -10,6 +10,7 @@ import pytest
 from histossl import config
 from histossl.data.sources import load_index
 from histossl.data.splits import label_subsets, make_split, save_split
+from histossl.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks" / "idc"
@@ -38,6 +39,13 @@ def test_committed_split_subsets_and_records_reproduce(name, shared_data, tmp_pa
     assert len(expected) == len(records)  # no run twice
     assert {r["seed"] for r in records} == set(cfg.downstream.seeds)
     assert {r["label_fraction"] for r in records} == set(cfg.downstream.fractions)
+    # Each SSL record names the stage its config plans for it: downstream seed i on pretraining seed i mod n.
+    p_seeds = config.pretrain_seeds(cfg)
+    for r in (r for r in records if r["method"] != "supervised"):
+        p_seed = p_seeds[cfg.downstream.seeds.index(r["seed"]) % len(p_seeds)]
+        stage = pretrain.plan_stages(cfg, cfg.encoders[r["encoder"]], p_seed)[-1]
+        assert r["pretrain_dir"] == f"pretrain/{stage.folder}", r["run"]
+        assert r.get("pretrain_seed", cfg.seed) == p_seed, r["run"]
     for seed in cfg.downstream.seeds:
         subsets = label_subsets(index.labels, train, cfg.downstream.fractions, seed)
         for r in (r for r in records if r["seed"] == seed):

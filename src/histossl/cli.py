@@ -97,8 +97,9 @@ def cmd_pretrain(args) -> None:
     cfg, out = _load(args)
     if not cfg.encoders:
         raise HistosslError(f"{args.config}: no encoders to pretrain (add an 'encoders:' section)")
-    for name, path in study.run_pretrain(cfg, out).items():
-        print(f"{name}: {path}")
+    for name, paths in study.run_pretrain(cfg, out).items():
+        for path in paths:
+            print(f"{name}: {path}")
 
 
 def cmd_evaluate(args) -> None:

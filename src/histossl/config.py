@@ -106,6 +106,10 @@ class PretrainConfig:
 
     epochs: int = 10
     batch_size: int = 128
+    # One pretraining of every encoder per seed; []: the study's ``seed``. Downstream seed i uses the
+    # encoder of pretraining seed i mod n, so with as many pretraining as downstream seeds every run
+    # has its own encoder and the spread over seeds covers pretraining as well.
+    seeds: list[int] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -368,6 +372,11 @@ def save(config: Config, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def pretrain_seeds(config: Config) -> list[int]:
+    """The seeds each encoder is pretrained with (the study seed unless ``pretrain.seeds`` is given)."""
+    return list(config.pretrain.seeds) or [config.seed]
+
+
 def encoder_chain(config: Config, entry: EncoderConfig) -> list[str]:
     """The data sets an encoder is pretrained on, in order (the target alone by default)."""
     return list(entry.chain) or [config.target]
@@ -390,6 +399,11 @@ def validate(config: Config) -> None:
     need(s.val_fraction + s.test_fraction < 1, "split", "val_fraction + test_fraction must leave a train split")
     need(config.pretrain.epochs >= 1, "pretrain.epochs", f"must be at least 1, got {config.pretrain.epochs}")
     need(config.pretrain.batch_size >= 2, "pretrain.batch_size", f"must be at least 2, got {config.pretrain.batch_size}")
+    p_seeds = config.pretrain.seeds
+    need(len(set(p_seeds)) == len(p_seeds), "pretrain.seeds", f"give distinct seeds, got {p_seeds}")
+    need(len(config.downstream.seeds) % max(1, len(p_seeds)) == 0, "pretrain.seeds",
+         f"{len(p_seeds)} pretraining seeds do not divide the {len(config.downstream.seeds)} downstream seeds evenly; "
+         "give as many pretraining seeds as downstream seeds (or a divisor of that number)")
     need(config.pretrain.optim.lr > 0, "pretrain.optim.lr", "must be positive")
     need(0 < config.pretrain.views.crop_scale_min <= 1, "pretrain.views.crop_scale_min", "must be in (0, 1]")
     need(config.pretrain.method.temperature > 0, "pretrain.method.temperature", "must be positive")

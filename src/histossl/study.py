@@ -74,6 +74,10 @@ def write_config(cfg: Config, out: Path) -> None:
             raise ConfigError(f"{path}: not a config written by histossl ({reason}); choose another --out") from None
         if not isinstance(old, dict):
             raise ConfigError(f"{path}: not a config written by histossl; choose another --out")
+        try:  # a key added to histossl since that study was made compares as its default
+            old = config_mod.to_dict(config_mod.from_dict(old))
+        except ConfigError:
+            pass  # compared as written: the first difference names the key
         hardware = ("trainer", "name")
         diff = _first_difference({k: v for k, v in old.items() if k not in hardware}, {k: v for k, v in new.items() if k not in hardware})
         if diff:
@@ -146,14 +150,20 @@ def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.Tar
     return data, subsets
 
 
-def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict[str, pretrain.Stage]:
-    """Run every stage of every encoder entry (or of ``names``); returns each entry's last stage."""
+def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict[str, list[pretrain.Stage]]:
+    """Run every stage of every encoder entry (or of ``names``) for every pretraining seed.
+
+    Returns, per entry, its last stage for each pretraining seed, in the order of the seeds.
+    """
     entries = {n: e for n, e in cfg.encoders.items() if names is None or n in names}
-    plans = {name: pretrain.plan_stages(cfg, entry) for name, entry in entries.items()}
+    plans = {
+        name: [pretrain.plan_stages(cfg, entry, seed) for seed in config_mod.pretrain_seeds(cfg)]
+        for name, entry in entries.items()
+    }
     loaded: dict[str, Dataset] = {}
     splits: dict[str, np.ndarray] = {}
-    for name, stages in plans.items():
-        for stage in stages:
+    for name, per_seed in plans.items():
+        for stage in (s for stages in per_seed for s in stages):
             if (out / "pretrain" / stage.folder / "stage.json").is_file():
                 continue
             if stage.dataset not in loaded:
@@ -164,22 +174,31 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
                 if cfg.target not in splits:
                     splits[cfg.target] = load_or_make_split(out / "split.csv", ds.index, cfg.split)[ds.decoded.keep]
                 rows = np.flatnonzero(splits[cfg.target] == "train")
-            log.info("pretrain %s: stage %s (%s on %s, %d images, %d epochs)", name, stage.chain, stage.method, stage.dataset, len(rows), stage.epochs)
+            log.info(
+                "pretrain %s: stage %s, seed %d (%s on %s, %d images, %d epochs)",
+                name, stage.chain, stage.seed, stage.method, stage.dataset, len(rows), stage.epochs,
+            )
             pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name)
-    return {name: stages[-1] for name, stages in plans.items()}
+    return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
 
 
-def run_specs(cfg: Config, encoders: dict[str, pretrain.Stage], out: Path) -> list[downstream.RunSpec]:
-    """The cross product of encoders x modes x schedules x fractions x seeds, and the baselines, by fraction."""
+def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path) -> list[downstream.RunSpec]:
+    """The cross product of encoders x modes x schedules x fractions x seeds, and the baselines, by fraction.
+
+    Downstream seed i runs on the encoder of pretraining seed i mod n (``encoders`` lists one stage per
+    pretraining seed); a run on a pretraining seed other than the study seed has ``__p<seed>`` in its name.
+    """
     d = cfg.downstream
     specs = []
     grid = list(itertools.product(d.lr_schedules, d.fractions, d.seeds))
-    for name, stage in encoders.items():
+    for name, stages in encoders.items():
         for mode in d.modes:
             for schedule, fraction, seed in grid:
+                stage = stages[d.seeds.index(seed) % len(stages)]
+                suffix = "" if stage.seed == cfg.seed else f"__p{stage.seed}"
                 specs.append(
                     downstream.RunSpec(
-                        name=f"{name}__{mode}__{schedule}__f{fraction:g}__s{seed}",
+                        name=f"{name}__{mode}__{schedule}__f{fraction:g}__s{seed}{suffix}",
                         encoder=name,
                         method=stage.method,
                         pretrain_chain=stage.chain,
@@ -189,6 +208,7 @@ def run_specs(cfg: Config, encoders: dict[str, pretrain.Stage], out: Path) -> li
                         lr_schedule=schedule,
                         label_fraction=fraction,
                         seed=seed,
+                        pretrain_seed=stage.seed,
                     )
                 )
     for init in d.baselines:
@@ -253,11 +273,12 @@ def run_study(cfg: Config, out: Path) -> Path:
         return build_report(out)
 
 
-def run_pretrain(cfg: Config, out: Path) -> dict[str, Path]:
+def run_pretrain(cfg: Config, out: Path) -> dict[str, list[Path]]:
+    """Every encoder for every pretraining seed; returns each entry's encoder files, one per seed."""
     with study_lock(out), provenance.invocation(out):
         write_config(cfg, out)
         stages = pretrain_all(cfg, out)
-        return {name: out / "pretrain" / s.folder / "encoder.safetensors" for name, s in stages.items()}
+        return {name: [out / "pretrain" / s.folder / "encoder.safetensors" for s in per_seed] for name, per_seed in stages.items()}
 
 
 def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
@@ -265,13 +286,13 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
     if not encoder_file.is_file():
         raise HistosslError(f"encoder file not found: {encoder_file}")
     name = encoder_file.parent.name if encoder_file.name == "encoder.safetensors" else encoder_file.stem
-    stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={})
+    stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={}, seed=cfg.seed)
     with study_lock(out):
         with provenance.invocation(out):
             write_config(cfg, out)
             specs = [
-                dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None)
-                for s in run_specs(cfg, {name: stage}, out)
+                dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None, pretrain_seed=None)
+                for s in run_specs(cfg, {name: [stage]}, out)
                 if s.method != "supervised"
             ]
             run_downstream(cfg, out, specs)

@@ -72,11 +72,16 @@ def _sum_field(items: list[dict[str, Any]], name: str) -> float:
 
 def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: list[Stage], agg: Aggregate) -> list[Block]:
     seeds = sorted({r.get("seed") for r in records}, key=str)
+    p_seeds = sorted({r["pretrain_seed"] for r in records if r.get("pretrain_seed") is not None}, key=str)
+    pairing = ""
+    if len(p_seeds) > 1:  # several pretrainings per encoder: the spread over seeds covers them too
+        pairing = (f"; each SSL encoder pretrained once per seed {', '.join(map(str, p_seeds))}, downstream seed i on the "
+                   "encoder of pretraining seed i mod n, so ± std covers pretraining as well as downstream seeds")
     items = [
         f"Study folder `{out_dir}`; resolved configuration `{out_dir / 'config.yaml'}`",
         f"**{len(records)} downstream runs**: {len(agg.encoders)} encoders × modes "
         f"{', '.join(agg.modes) or '—'} × lr schedules {', '.join(agg.schedules) or '—'} × label fractions "
-        f"{', '.join(format_fraction(f) for f in agg.fractions) or '—'}; seeds {', '.join(map(str, seeds)) or '—'}",
+        f"{', '.join(format_fraction(f) for f in agg.fractions) or '—'}; seeds {', '.join(map(str, seeds)) or '—'}{pairing}",
         f"{len(stages)} pretraining stages with curves; compute: {_duration(_sum_field([s.info for s in stages], 'wall_s'))}"
         f" pretraining, {_duration(_sum_field(records, 'wall_s'))} downstream",
     ]
@@ -136,13 +141,14 @@ def _stage_table(stages: list[Stage]) -> Table:
             str(stage.info.get("method", "—")),
             f"`{stage.info.get('chain', '—')}`",
             str(stage.info.get("encoder", "—")),
+            str(stage.info.get("seed", "—")),
             str(len(stage.epochs)),
             f"{losses[-1]:.4f}" if losses else "—",
             (f"{100 * best:.2f}%" if best is not None else "—") + (f" {FLAG_MARK}" if left is False else ""),
             f"{100 * chance:.2f}%" if chance is not None else "—",
             _duration(float(stage.info["wall_s"])) if isinstance(stage.info.get("wall_s"), int | float) else "—",
         )])
-    header = ["stage", "method", "chain", "encoder", "epochs", "last pretext loss", "best pretext acc", "chance", "time"]
+    header = ["stage", "method", "chain", "encoder", "seed", "epochs", "last pretext loss", "best pretext acc", "chance", "time"]
     return Table(header=header, rows=rows, key="stages")
 
 

@@ -72,6 +72,7 @@ class RunSpec:
     lr_schedule: str
     label_fraction: float
     seed: int
+    pretrain_seed: int | None = None  # the seed the encoder was pretrained with; None for baselines
 
 
 def run_lr(cfg: Config, schedule: str) -> float:
@@ -302,6 +303,7 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         "encoder": spec.encoder,
         "run": f"downstream/{spec.name}",
         "pretrain_dir": spec.pretrain_dir,
+        "pretrain_seed": spec.pretrain_seed,
         "init": spec.init,
         "head": d.head,
         "backbone": cfg.backbone.name,

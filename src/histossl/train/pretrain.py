@@ -51,6 +51,7 @@ class Stage:
     init: str  # random | imagenet | a weights file | "stage:<folder>" (the previous stage's encoder)
     chain: str  # e.g. imagenet>other>target, the path up to and including this stage
     key: dict  # everything that shaped this stage (hashed into the folder name)
+    seed: int = 0  # the pretraining seed
 
 
 def init_label(init: str) -> str:
@@ -65,8 +66,12 @@ def chain_name(init: str, datasets: list[str]) -> str:
     return ">".join(start + list(datasets))
 
 
-def plan_stages(cfg: Config, entry: EncoderConfig) -> list[Stage]:
-    """The stages that make the encoder of ``entry``, in order."""
+def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> list[Stage]:
+    """The stages that make the encoder of ``entry`` with pretraining ``seed`` (the study seed), in order.
+
+    A seed other than the study seed is hashed into the key and shown in the folder name (``_seed1``).
+    """
+    seed = cfg.seed if seed is None else seed
     METHODS.get(entry.method)  # unknown names fail here, listing the registered ones
     stages: list[Stage] = []
     previous: dict = {"init": entry.init}
@@ -81,15 +86,15 @@ def plan_stages(cfg: Config, entry: EncoderConfig) -> list[Stage]:
             "data": to_dict(ds) | ({"synth": to_dict(cfg.synth)} if ds.synthetic else {}),
             "split": to_dict(cfg.split) if dataset == cfg.target else None,
             "epochs": entry.epochs or cfg.pretrain.epochs,
-            "pretrain": to_dict(cfg.pretrain) | {"epochs": None},
+            "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items() if k != "seeds"} | {"epochs": None},
             "backbone": to_dict(cfg.backbone),
             "image_size": cfg.image_size,
-            "seed": cfg.seed,
+            "seed": seed,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
         path = chain_name(entry.init, chain[: i + 1])
-        folder = f"{entry.method}_{path.replace('>', '-')}_{digest}"
-        stages.append(Stage(folder, entry.method, dataset, key["epochs"], init, path, key))
+        folder = f"{entry.method}_{path.replace('>', '-')}_{digest}" + ("" if seed == cfg.seed else f"_seed{seed}")
+        stages.append(Stage(folder, entry.method, dataset, key["epochs"], init, path, key, seed))
         previous, init = {"stage": folder}, f"stage:{folder}"
     return stages
 
@@ -152,7 +157,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
         )
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "stage_key.json", stage.key)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pl.seed_everything(stage.seed, workers=True, verbose=False)
     encoder = build_encoder(cfg.backbone, resolve_init(stage.init, pretrain_root))
     prepare_encoder(encoder, cfg)
     method = METHODS.get(stage.method)(encoder.num_features, cfg.pretrain, cfg.image_size)
@@ -165,7 +170,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
         folder,
         validate=False,
     )
-    data = loader(ArrayBatches(images, rows), batch, shuffle=True, drop_last=True, cfg=cfg.trainer, seed=cfg.seed)
+    data = loader(ArrayBatches(images, rows), batch, shuffle=True, drop_last=True, cfg=cfg.trainer, seed=stage.seed)
     resume = last_checkpoint(ckpt_dir)
     if resume:
         log.info("pretrain %s: resuming from %s", stage.folder, resume)
@@ -183,6 +188,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
                 "chain": stage.chain,
                 "init": stage.init,
                 "epochs": stage.epochs,
+                "seed": stage.seed,
                 "n_images": int(len(rows)),
                 "pretext_chance": float(getattr(method, "chance", 0.0)),
                 "backbone": cfg.backbone.name,
