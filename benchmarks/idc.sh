@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two studies on real breast tissue (issue 5), then their reports copied to docs/benchmarks/idc/.
-# About 2 hours on 2 CPU cores; rerun to resume after an interruption.
+# About 3.3 hours on 2 CPU cores; rerun to resume after an interruption.
 #   bash benchmarks/idc.sh        (the virtual environment's histossl first on PATH)
 set -euo pipefail
 histossl study configs/idc-cpu.yaml --out out/idc-cpu
@@ -9,6 +9,7 @@ histossl study configs/idc-cpu.yaml --out out/idc-cpu
 # retrain it (same settings, so the same encoder up to floating-point nondeterminism).
 mkdir -p out/idc-chain-cpu/pretrain
 for stage in out/idc-cpu/pretrain/simclr_idc_*; do
+  case "$stage" in *_seed*) continue ;; esac  # idc-chain-cpu pretrains with the study seed only
   [ -f "$stage/stage.json" ] && cp -rn "$stage" out/idc-chain-cpu/pretrain/
 done
 histossl study configs/idc-chain-cpu.yaml --out out/idc-chain-cpu
