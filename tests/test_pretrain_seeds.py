@@ -3,6 +3,7 @@ pretraining deterministic for a given seed, and stage folders of existing studie
 
 import json
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -49,6 +50,10 @@ def test_each_downstream_seed_runs_on_its_own_pretraining(two_seeds):
         assert runs[seed]["pretrain_seed"] == seed
         assert runs[seed]["pretrain_dir"] == f"pretrain/{stage.name}"
     assert runs[0]["run"].endswith("__s0") and runs[1]["run"].endswith("__s1__p1")
+    # Frozen runs read features of their own encoder, not of the entry's first pretraining.
+    features = {f.stem: np.load(f) for f in (two_seeds / "features").glob("*.npy")}
+    assert set(features) == {s.name for s in stages}
+    assert not np.array_equal(*features.values())
     assert "pretraining as well as downstream seeds" in (two_seeds / "report.md").read_text()
 
 

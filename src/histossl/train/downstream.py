@@ -226,7 +226,8 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     batch = min(d.batch_size, len(labeled))
     drop_last = len(labeled) % batch == 1  # a last batch of one breaks batch norm
     if spec.mode == "frozen":
-        feature_file = run_dir.parent.parent / "features" / f"{spec.encoder}.npy"
+        # One cache per encoder file: a pretraining stage (each pretraining seed its own), or the one encoder of ``evaluate``.
+        feature_file = run_dir.parent.parent / "features" / f"{Path(spec.pretrain_dir or spec.encoder).name}.npy"
         features = np.asarray(cached_features(cfg, Path(spec.init), data, feature_file), dtype=np.float32)
         head = classifier_head(features.shape[1], n_classes, d.head, d.hidden_dim, d.dropout)
         module = DownstreamModule(None, head, cfg, lr, spec.lr_schedule, weights)
