@@ -131,11 +131,8 @@ def _baselines(cells: dict[CellKey, StudyCell], budget: Budget, protocol: str, s
     return [c for c in found if c.key[1] == first]
 
 
-def _paired_bootstrap(a: StudyCell, b: StudyCell, seed: Any, predictions: PredictionsOf | None) -> Interval | None:
-    """The test-group bootstrap of ``a - b`` for one seed, on the test images both runs predicted."""
-    if predictions is None:
-        return None
-    pa, pb = predictions(a.runs.get(seed, "")), predictions(b.runs.get(seed, ""))
+def paired_bootstrap(pa: Predictions | None, pb: Predictions | None) -> Interval | None:
+    """The test-group bootstrap of ``balanced_acc(a) - balanced_acc(b)`` on the test images both runs predicted."""
     if pa is None or pb is None:
         return None
     where_b = {p: i for i, p in enumerate(pb.paths)}
@@ -144,6 +141,15 @@ def _paired_bootstrap(a: StudyCell, b: StudyCell, seed: Any, predictions: Predic
         return None
     ia, ib = np.array(common).T
     return group_bootstrap(pa.labels[ia], pa.preds[ia], pa.groups[ia], other_preds=pb.preds[ib])
+
+
+def one_seed_bootstrap(a: StudyCell, b: StudyCell, paired: PairedDifference | None,
+                       predictions_a: PredictionsOf | None, predictions_b: PredictionsOf | None = None) -> Interval | None:
+    """For a single paired seed, the bootstrap of the difference of its two runs (None otherwise or without predictions)."""
+    if paired is None or len(paired.seeds) != 1 or predictions_a is None:
+        return None
+    seed = paired.seeds[0]
+    return paired_bootstrap(predictions_a(a.runs.get(seed, "")), (predictions_b or predictions_a)(b.runs.get(seed, "")))
 
 
 def compare(records: list[dict[str, Any]], predictions: PredictionsOf | None = None, metric: str = METRIC) -> list[Comparison]:
@@ -163,8 +169,7 @@ def compare(records: list[dict[str, Any]], predictions: PredictionsOf | None = N
     found = []
     for kind, a, b in pairs:
         paired = paired_difference(a.values, b.values)
-        boot = _paired_bootstrap(a, b, paired.seeds[0], predictions) if paired and len(paired.seeds) == 1 else None
-        found.append(Comparison(kind, a, b, paired, boot))
+        found.append(Comparison(kind, a, b, paired, one_seed_bootstrap(a, b, paired, predictions)))
     adjusted = holm([c.paired.p_value if c.paired else math.nan for c in found])
     n_tests = sum(math.isfinite(p) for p in adjusted)
     return [Comparison(c.kind, c.a, c.b, c.paired, c.bootstrap, p, n_tests) for c, p in zip(found, adjusted)]
