@@ -26,6 +26,9 @@ from scipy import stats as sps
 CONFIDENCE = 0.95
 N_RESAMPLES = 1000
 MAX_SEEDS_NEEDED = 1000  # beyond this the "seeds needed" estimate says "more than"
+# Differences equal up to rounding (0.8 - 0.7 vs 0.9 - 0.8) have no spread: a t-test on them would
+# divide by a rounding error and give p ~ 0.
+SPREAD_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def paired_difference(a: dict, b: dict, confidence: float = CONFIDENCE) -> Paire
 
     Returns None when no seed is shared. With one pair: the difference, no interval, p NaN. The
     p-value is ``scipy.stats.ttest_1samp(differences, 0)`` (identical to ``ttest_rel(a, b)``); with
-    differences that do not vary it is NaN (scipy's answer), so such a difference is never "shown".
+    differences that do not vary (up to rounding) it is NaN, so such a difference is never "shown".
     """
     seeds = tuple(sorted(set(a) & set(b), key=lambda s: (str(type(s)), s)))
     if not seeds:
@@ -90,7 +93,7 @@ def paired_difference(a: dict, b: dict, confidence: float = CONFIDENCE) -> Paire
     differences = [float(a[s]) - float(b[s]) for s in seeds]
     interval = t_interval(differences, confidence)
     p = math.nan
-    if len(seeds) > 1 and interval.std > 0:
+    if len(seeds) > 1 and interval.std > SPREAD_TOLERANCE * max(1.0, abs(interval.mean)):
         p = float(sps.ttest_1samp(differences, 0.0).pvalue)
     return PairedDifference(interval, p, seeds)
 
