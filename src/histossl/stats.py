@@ -184,17 +184,26 @@ def group_bootstrap(
         raise ValueError("labels, predictions and groups must have the same length")
     counts, n_groups = _group_counts(labels, preds_list, groups)
 
+    flat = counts.reshape(n_groups, -1)
+
     def statistic(index: np.ndarray, axis: int = -1) -> np.ndarray:
-        summed = counts[np.asarray(index, dtype=np.int64)].sum(axis=-3)  # (..., C, 1+k)
+        # How often each group was drawn, per resample (B, G), times the per-group counts: the pooled
+        # counts of the resampled test set (B, C, 1+k) without materialising (B, n, C, 1+k).
+        index = np.asarray(index, dtype=np.int64)
+        rows = index.reshape(-1, index.shape[-1])
+        offsets = (np.arange(len(rows)) * n_groups)[:, None]
+        drawn = np.bincount((rows + offsets).ravel(), minlength=len(rows) * n_groups).reshape(len(rows), n_groups)
+        summed = (drawn @ flat).reshape(*index.shape[:-1], *counts.shape[1:])
         value = _balanced_accuracy(summed, 1)
         return value - _balanced_accuracy(summed, 2) if len(preds_list) > 1 else value
 
     observed = float(statistic(np.arange(n_groups)))
     if n_groups < 2:
         return Interval(observed, math.nan, n_groups, math.nan, math.nan)
+    batch = max(1, min(n_resamples, 20_000_000 // n_groups))  # (batch, G) draw counts stay near 160 MB
     result = sps.bootstrap(
         (np.arange(n_groups),), statistic, n_resamples=n_resamples, confidence_level=confidence,
-        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
+        method="percentile", vectorized=True, batch=batch, random_state=np.random.default_rng(seed),
     )
     ci = result.confidence_interval
     return Interval(observed, float(result.standard_error), n_groups, float(ci.low), float(ci.high))

@@ -103,6 +103,8 @@ def cells_of(records: list[dict[str, Any]], metric: str = METRIC) -> dict[CellKe
         value = r.get(metric)
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             continue
+        if r.get("shots") is None and r.get("label_fraction") is None:  # no budget: no row to put it in
+            continue
         key = (budget_of(r), protocol_of(r), str(r.get("lr_schedule")), str(r.get("encoder") or r.get("method")))
         values.setdefault(key, {})[r.get("seed")] = float(value)
         runs.setdefault(key, {})[r.get("seed")] = str(r.get("run") or "")
