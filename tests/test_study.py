@@ -235,3 +235,21 @@ def test_tuning_study_records_validation_and_writes_no_report(tmp_path, capsys):
     assert len(recs) == 1 and recs[0]["test_acc"] is None and recs[0]["val_auroc"] is not None
     assert not (out / "report.md").exists()
     assert "results:" in capsys.readouterr().out
+
+
+def test_each_run_saves_its_test_predictions_with_groups(finished_study):
+    """test_predictions.csv: one row per test image with its group; it reproduces the record's balanced accuracy."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from histossl import predictions
+
+    split = {}
+    for line in (finished_study / "split.csv").read_text().splitlines()[1:]:
+        path, label, group, part = line.split(",")
+        split[path] = (label, group, part)
+    for r in records.load(finished_study / "results.jsonl"):
+        found = predictions.read(finished_study / r["run"] / predictions.FILE)
+        assert found is not None and len(found.paths) == r["n_test"]
+        assert all(split[p] == (label, group, "test") for p, label, group in zip(found.paths, found.labels, found.groups))
+        assert len(set(found.groups)) < len(found.groups)  # a synthetic slide holds many test images
+        assert balanced_accuracy_score(found.labels, found.preds) == pytest.approx(r["test_balanced_acc"])

@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--encoder", type=Path, required=True, help="encoder weights (.safetensors, .pth, .pt)")
     rep = sub.add_parser("report", help="rebuild report.md, report.html and figures/ from a study's records")
     rep.add_argument("dir", type=Path)
+    cmp = sub.add_parser("compare", help="two studies on the same split and subsets: paired differences cell by cell")
+    cmp.add_argument("dir_a", type=Path, metavar="DIR_A")
+    cmp.add_argument("dir_b", type=Path, metavar="DIR_B")
+    cmp.add_argument("--out", type=Path, help="write the markdown table to this file (default: standard output)")
+    cmp.add_argument("--metric", default="test_balanced_acc", help="record field to compare (default: test_balanced_acc)")
 
     data = sub.add_parser("data", help="data sets: synth, inspect").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     synth = data.add_parser("synth", help="write the synthetic tissue data set as a group/class image folder")
@@ -117,6 +122,18 @@ def cmd_report(args) -> None:
     print(f"report: {build_report(args.dir)}")
 
 
+def cmd_compare(args) -> None:
+    from histossl.io import atomic_write_text
+    from histossl.report.compare import compare_studies
+
+    text = compare_studies(args.dir_a, args.dir_b, args.metric)
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"comparison: {args.out}")
+    else:
+        print(text, end="")
+
+
 def cmd_data(args) -> None:
     if args.data_command == "inspect":
         from histossl.data.inspect import format_inspect, inspect_path
@@ -155,6 +172,7 @@ COMMANDS = {
     "pretrain": cmd_pretrain,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
+    "compare": cmd_compare,
     "data": cmd_data,
     "weights": cmd_weights,
 }

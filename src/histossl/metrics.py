@@ -14,6 +14,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def decisions(logits: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Predicted class per row ``(N,)``: the most probable, or (two classes) class 1 at probability >= threshold."""
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    return probs.argmax(1) if threshold is None else (probs[:, 1] >= threshold).astype(np.int64)
+
+
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_classes: int, threshold: float | None = None) -> dict:
     """Loss, accuracy, balanced accuracy, macro F1, macro one-vs-rest AUROC and the confusion matrix.
 
@@ -28,7 +34,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_classes: in
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = softmax(np.asarray(logits, dtype=np.float64))
-    pred = probs.argmax(1) if threshold is None else (probs[:, 1] >= threshold).astype(np.int64)
+    pred = decisions(logits, threshold)
     classes = list(range(n_classes))
     present = np.unique(labels)
     auroc = math.nan

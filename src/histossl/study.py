@@ -136,10 +136,11 @@ def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.Tar
     for name, r in rows.items():
         if len(r) == 0:
             raise DataError(f"the {name} split of data set {cfg.target!r} is empty; check split.* or the manifest's split column")
-    data = downstream.TargetData(target.decoded.images, labels, target.index.classes, rows["train"], rows["val"], rows["test"])
+    paths = [str(p.relative_to(target.index.root)) if p.is_relative_to(target.index.root) else str(p) for p in target.index.paths]
+    data = downstream.TargetData(target.decoded.images, labels, target.index.classes, rows["train"], rows["val"], rows["test"],
+                                 paths=[paths[i] for i in keep], groups=target.index.groups[keep])
     # Seed s draws subset s: every method sees the same labelled images for the same seed.
     subsets = {seed: label_subsets(labels, rows["train"], cfg.downstream.fractions, seed) for seed in cfg.downstream.seeds}
-    paths = [str(p.relative_to(target.index.root)) if p.is_relative_to(target.index.root) else str(p) for p in target.index.paths]
     atomic_write_json(
         out / "subsets.json",
         {

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from histossl import provenance
+from histossl import predictions, provenance
 from histossl.errors import HistosslError
 from histossl.io import atomic_write_bytes, atomic_write_text
 from histossl.report import figures as draw
+from histossl.report import verdict
 from histossl.report.document import Block, Bullets, Cell, Figure, Heading, Paragraph, Table, to_markdown
 from histossl.report.flags import Flag, find_flags, pretext_left_chance
 from histossl.report.html import to_html
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
 # Figure names this module writes; stale ones from an earlier build are removed, nothing else is.
-_OWN_FIGURE = re.compile(r"^(pretext_|downstream_|accuracy_vs_fraction|confusion_).*\.png$")
+_OWN_FIGURE = re.compile(r"^(pretext_|downstream_|accuracy_vs_fraction|confusion_|difference_to_supervised).*\.png$")
 
 
 def safe_name(text: str) -> str:
@@ -206,6 +207,22 @@ def _confusions(agg: Aggregate) -> list[Figure]:
     return result
 
 
+def _verdict(out_dir: Path, records: list[dict[str, Any]], figures: list[Figure] | None) -> list[Block]:
+    """The verdict section (``report/verdict.py``) and, when ``figures`` is a list, its figure appended to it."""
+    def test_predictions(run: str) -> predictions.Predictions | None:
+        return predictions.read(out_dir / run / predictions.FILE) if run else None
+
+    section = verdict.blocks(records, test_predictions)
+    against = [c for c in verdict.compare(records) if c.kind == verdict.SUPERVISED]
+    if figures is not None and against:
+        figure = Figure(f"{FIGURES_DIR}/difference_to_supervised.png",
+                        "Balanced accuracy minus the supervised baseline against label budget (paired by seed, 95% band)",
+                        draw.difference_figure(against))
+        figures.append(figure)
+        section.insert(2, figure)
+    return section
+
+
 def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list[Figure], str]:
     """Read the study folder and lay out the report: (blocks, figures, title). Writes nothing.
 
@@ -221,8 +238,9 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
     name = _study_name(out_dir)
 
     blocks: list[Block] = _header(out_dir, name, records, stages, agg)
-    blocks += _warnings(problems, flags, users)
     figures: list[Figure] = []
+    blocks += _verdict(out_dir, records, figures if draw_figures else None)
+    blocks += _warnings(problems, flags, users)
 
     if not records:
         blocks.append(Paragraph("No downstream run has finished yet (`results.jsonl` is missing or empty)."))

@@ -167,3 +167,50 @@ def confusion_figure(record: dict[str, Any], title: str) -> bytes:
     ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title(title, fontsize=9)
     return _png(fig)
+
+
+def difference_figure(comparisons: list[Any]) -> bytes:
+    """Balanced accuracy minus the supervised baseline's against label budget: a line per encoder, 95% band.
+
+    ``comparisons`` are ``report.verdict.Comparison`` objects of kind "vs supervised"; one panel per
+    (budget kind, protocol, lr schedule). The band is the paired 95% t interval over seeds, absent
+    where there is one seed (a lone marker then).
+    """
+    panels: dict[tuple, dict[str, list]] = {}
+    for c in comparisons:
+        (kind, value), protocol, schedule, encoder = c.a.key
+        if c.paired is None:
+            continue
+        label = encoder if len({x.b.encoder for x in comparisons}) == 1 else f"{encoder} − {c.b.encoder}"
+        d = c.paired.difference
+        panels.setdefault((kind, protocol, schedule), {}).setdefault(label, []).append((value, d.mean, d.low, d.high))
+    keys = sorted(panels, key=lambda k: (k[0] != "fraction", k[1] != "finetune", k[1], k[2]))
+    fig = Figure(figsize=(4.8 * max(1, len(keys)), 3.8))
+    fig.subplots_adjust(left=0.14 if len(keys) == 1 else 0.08, right=0.98, bottom=0.15, top=0.82, wspace=0.25)
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        kind, protocol, schedule = key
+        scale = 100 if kind == "fraction" else 1
+        budgets = sorted({v for points in panels[key].values() for v, *_ in points})
+        for index, (label, points) in enumerate(sorted(panels[key].items())):
+            points.sort()
+            xs = [scale * p[0] for p in points]
+            color = f"C{index % 10}"
+            ax.plot(xs, [100 * p[1] for p in points], marker="o", markersize=4, color=color, label=label)
+            band = [(x, p) for x, p in zip(xs, points) if math.isfinite(p[2]) and math.isfinite(p[3])]
+            if band:
+                ax.fill_between([x for x, _ in band], [100 * p[2] for _, p in band], [100 * p[3] for _, p in band],
+                                color=color, alpha=0.15, linewidth=0)
+        ax.axhline(0, color="grey", linestyle="--", linewidth=1)
+        if len(budgets) > 1 and min(budgets) > 0:
+            ax.set_xscale("log")
+        ax.set_xticks([scale * b for b in budgets],
+                      [format_fraction(b) if kind == "fraction" else f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+        ax.set(xlabel="labelled fraction of the training set" if kind == "fraction" else "labels per class",
+               ylabel="difference (points)")
+        ax.set_title(f"{protocol}, {schedule} lr", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Balanced accuracy minus supervised (paired by seed; band: 95% interval)", fontsize=11)
+    return _png(fig)

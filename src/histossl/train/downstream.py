@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from histossl import augment
 from histossl.config import Config, DownstreamConfig
-from histossl.metrics import best_threshold, classification_metrics, majority_accuracy
+from histossl import predictions
+from histossl.metrics import best_threshold, classification_metrics, decisions, majority_accuracy
 from histossl.models.backbones import build_encoder
 from histossl.models.heads import classifier_head
 from histossl.train.common import (
@@ -56,6 +57,8 @@ class TargetData:
     train: np.ndarray  # row indices of the train split
     val: np.ndarray
     test: np.ndarray
+    paths: list[str] | None = None  # per row, relative to the data set's root (for test_predictions.csv)
+    groups: np.ndarray | None = None  # per row, the patient or slide
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,9 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     test_labels = data.labels[data.test]
     metrics = dict.fromkeys(("loss", "acc", "balanced_acc", "macro_f1", "auroc", "confusion_matrix"))
     if d.test:
-        metrics = classification_metrics(logits_of(data.test), test_labels, n_classes, threshold)
+        test_logits = logits_of(data.test)
+        metrics = classification_metrics(test_logits, test_labels, n_classes, threshold)
+        save_test_predictions(run_dir / predictions.FILE, data, decisions(test_logits, threshold))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {
         "method": spec.method,
@@ -320,6 +325,15 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         "val_auroc": val["auroc"],
         "config": "config.yaml",
     }
+
+
+def save_test_predictions(path: Path, data: TargetData, preds: np.ndarray) -> None:
+    """Per test image: path, group, true and predicted class, for bootstrap intervals over test groups."""
+    rows = data.test
+    paths = [data.paths[i] for i in rows] if data.paths is not None else [str(i) for i in rows]
+    groups = [str(g) for g in data.groups[rows]] if data.groups is not None else paths
+    names = np.asarray(data.classes, dtype=object)
+    predictions.write(path, paths, groups, list(names[data.labels[rows]]), list(names[preds]))
 
 
 def finetune_epochs(d: DownstreamConfig, batches_per_epoch: int) -> tuple[int, int, int | None]:
