@@ -84,6 +84,7 @@ class RunRecord:
     torch_version: str | None = None
     histossl_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
+    read_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # the keys a read record had
 
     def __post_init__(self) -> None:
         if self.mode is None:
@@ -101,22 +102,22 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data: the fields in declaration order, then the unknown keys as read.
 
-        ``shots``, ``labels_per_class`` and ``chosen`` are left out when None, ``pretrain_seed``
-        too, so an old record rewrites to the keys it had.
+        A record read from a file gives back the keys it had (plus ``protocol``), so rewriting an
+        older record loses and invents nothing; a new record has every field (the unused budget null).
         """
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for optional in ("shots", "labels_per_class", "chosen", "pretrain_seed"):
-            if data[optional] is None:
-                del data[optional]
+        skip = {"extra", "read_keys"}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        if self.read_keys is not None:
+            data = {k: v for k, v in data.items() if k in self.read_keys or k == "protocol"}
         return {**data, **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRecord:
         """A record from parsed JSON; ``protocol`` falls back to ``mode`` (records before protocols)."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "read_keys"}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("protocol", data.get("mode"))
-        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+        return cls(**values, extra={k: v for k, v in data.items() if k not in known}, read_keys=tuple(data))
 
 
 # A record that lacks one of these cannot be placed in a table.

@@ -319,6 +319,7 @@ def run_study(cfg: Config, out: Path) -> Path:
     with study_lock(out):
         with provenance.invocation(out):
             write_config(cfg, out)
+            target_data(cfg, load_dataset(cfg, cfg.target, out), out)  # bad budgets fail now, not after pretraining
             encoders = pretrain_all(cfg, out)
             run_downstream(cfg, out, run_specs(cfg, encoders, out))
         if not cfg.downstream.test:

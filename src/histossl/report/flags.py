@@ -152,7 +152,7 @@ def few_labels(records: list[dict[str, Any]]) -> list[Flag]:
         listed = "; ".join(f"{c} at seed {', '.join(sorted(seeds))}" for c, seeds in sorted(short[budget].items()))
         flags.append(Flag("few_labels", f"Label budget {format_budget(budget)} leaves classes with fewer than "
                           f"{MIN_LABELS_PER_CLASS} labelled images (count in brackets): {listed}; "
-                          "its cells rest on that one image.", tuple(sorted(runs[budget]))))
+                          "its cells rest on too few images of those classes.", tuple(sorted(runs[budget]))))
     return flags
 
 
