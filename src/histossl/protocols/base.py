@@ -88,8 +88,26 @@ def select_on_validation(
     sign = -1.0 if name == "loss" else 1.0
     best, best_score = candidates[0], -np.inf
     for candidate in candidates:
-        value = classification_metrics(val_logits(candidate), labels, n_classes)[name]
+        value = _metric(name, val_logits(candidate), labels, n_classes)
         score = sign * (value if np.isfinite(value) else -sign * np.inf)
         if score > best_score:
             best, best_score = candidate, score
     return best
+
+
+def _metric(name: str, logits: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    """One validation metric; accuracy, balanced accuracy and loss in numpy (a grid scores many candidates).
+
+    Same values as ``classification_metrics`` (balanced accuracy: mean recall over the classes present).
+    """
+    if name == "auroc":
+        return classification_metrics(logits, labels, n_classes)["auroc"]
+    if name == "loss":
+        z = logits - logits.max(1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return float(-np.clip(log_p[np.arange(len(labels)), labels], np.log(1e-12), 0).mean())
+    pred = logits.argmax(1)
+    if name == "acc":
+        return float((pred == labels).mean())
+    present = np.unique(labels)
+    return float(np.mean([(pred[labels == c] == c).mean() for c in present]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from histossl.protocols.base import PROTOCOLS, Fitted, Job, Protocol, select_on_validation
 
@@ -19,8 +20,13 @@ ABSENT = -1e4
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> LogisticRegression:
-    """Multinomial (binary for two classes) logistic regression with inverse L2 strength ``c``; ``x`` standardised."""
-    return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, y)
+    """Multinomial (binary for two classes) logistic regression with inverse L2 strength ``c``; ``x`` standardised.
+
+    One BLAS thread: L-BFGS on a few thousand 512-d features does many small products, which a
+    multi-threaded BLAS slows down ~10x (measured on a loaded 2-core machine) instead of speeding up.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, y)
 
 
 def log_probabilities(model: LogisticRegression, x: np.ndarray, n_classes: int) -> np.ndarray:
