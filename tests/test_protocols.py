@@ -265,3 +265,15 @@ def test_bad_budgets_and_protocols_are_one_line_config_errors(setting, message, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (out / "results.jsonl").exists()
+
+
+def test_adding_protocols_and_shots_to_a_finished_study_resumes_it(tmp_path):
+    from histossl import study
+
+    out = tmp_path / "grow"
+    out.mkdir()
+    study.write_config(config.load(None, ["downstream.modes=[finetune]"]), out)
+    study.write_config(config.load(None, ["downstream.protocols=[finetune, linear, knn]", "downstream.shots=[5]"]), out)
+    assert config.load(out / "config.yaml").downstream.protocols == ["finetune", "linear", "knn"]
+    with pytest.raises(ConfigError, match="downstream.protocols"):  # dropping one would mix studies
+        study.write_config(config.load(None, ["downstream.protocols=[linear]"]), out)

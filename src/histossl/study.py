@@ -79,6 +79,7 @@ def write_config(cfg: Config, out: Path) -> None:
             old = config_mod.to_dict(config_mod.from_dict(old))
         except ConfigError:
             pass  # compared as written: the first difference names the key
+        old = _accept_added_budgets_and_protocols(old, new)
         hardware = ("trainer", "name")
         diff = _first_difference({k: v for k, v in old.items() if k not in hardware}, {k: v for k, v in new.items() if k not in hardware})
         if diff:
@@ -87,6 +88,25 @@ def write_config(cfg: Config, out: Path) -> None:
                 "rerun with the same config to resume, or choose another --out"
             )
     config_mod.save(cfg, path)
+
+
+def _accept_added_budgets_and_protocols(old: dict, new: dict) -> dict:
+    """``old`` with the new protocols, fractions and shots when the new config only adds to them.
+
+    Adding ``linear`` and ``knn`` (or a 5-shot budget) to a finished study adds runs and leaves every
+    recorded run valid, so it resumes the study instead of refusing it.
+    """
+    try:
+        o, n = old["downstream"], new["downstream"]
+        grows = (set(o.get("protocols") or o.get("modes") or []) <= set(n.get("protocols") or n.get("modes") or [])
+                 and set(o.get("fractions") or []) <= set(n.get("fractions") or [])
+                 and set(o.get("shots") or []) <= set(n.get("shots") or []))
+    except (KeyError, TypeError, AttributeError):
+        return old
+    if not grows:
+        return old
+    keys = ("protocols", "modes", "fractions", "shots")
+    return {**old, "downstream": {**o, **{k: n[k] for k in keys if k in n}}}
 
 
 def _first_difference(a, b, key: str = "") -> str | None:
