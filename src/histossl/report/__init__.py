@@ -5,8 +5,8 @@ statistics, matplotlib's Agg canvas and yaml, so ``histossl report`` runs anywhe
 
 Public API:
     build_report(out_dir) -> Path: write report.md, report.html and figures/; return report.md's path.
-    load_records(out_dir) -> list[dict]: the results.jsonl records, corrupt lines skipped with a warning.
-    aggregate(records) -> Aggregate: records grouped into table cells (mode, schedule, fraction, encoder).
+    load_records(out_dir) -> list[dict]: the results.jsonl records (read by histossl.records), corrupt lines skipped with a warning.
+    aggregate(records) -> Aggregate: records grouped into table cells (CellKey: protocol, schedule, budget, encoder).
     find_flags(records, stages) -> list[Flag]: collapsed runs, pretext tasks at chance, identical results.
 """
 
