@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from histossl import config, records, study
+from histossl import config, features, records, study
+from histossl.protocols import finetune
 from histossl.cli import main
 from histossl.train import downstream
 
@@ -111,7 +112,7 @@ def _target(cfg, out):
 def _spec(out: Path, mode: str, init: str) -> downstream.RunSpec:
     return downstream.RunSpec(
         name=f"x__{mode}", encoder="x", method="rotnet", pretrain_chain="target", pretrain_dir=None,
-        init=init, mode=mode, lr_schedule="cosine", label_fraction=1.0, seed=0,
+        init=init, protocol=mode, lr_schedule="cosine", label_fraction=1.0, seed=0,
     )
 
 
@@ -124,19 +125,21 @@ def test_frozen_leaves_encoder_unchanged_finetune_changes_it(finished_study, tmp
     data, subsets = _target(cfg, finished_study)
     encoder_file = _encoder_file(finished_study)
     built = []
-    real_build = downstream.build_encoder
+    real_build = finetune.build_encoder
 
     def spy(*args, **kwargs):
         built.append(real_build(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(downstream, "build_encoder", spy)
+    monkeypatch.setattr(features, "build_encoder", spy)
+    monkeypatch.setattr(finetune, "build_encoder", spy)
     from safetensors.torch import load_file
 
     start = load_file(encoder_file)
     for mode in ("frozen", "finetune"):
         built.clear()
-        downstream.run(cfg, _spec(tmp_path, mode, encoder_file), data, subsets[0][1.0], tmp_path / mode)
+        stored = features.features(cfg, Path(encoder_file), data.images, tmp_path / "features", data.key) if mode == "frozen" else None
+        downstream.run(cfg, _spec(tmp_path, mode, encoder_file), data, subsets[0][1.0], tmp_path / mode, stored)
         trained = {k.removeprefix("net."): v for k, v in built[0].state_dict().items()}
         changed = any(not torch.equal(start[k], trained[k]) for k in start if k.endswith("weight"))
         assert changed == (mode == "finetune"), mode
@@ -153,9 +156,9 @@ def test_test_labels_cannot_influence_model_selection(finished_study, tmp_path):
     labels[data.test] = (labels[data.test] + 1 + rng.integers(0, 2, len(data.test))) % 3  # every test label wrong
     shuffled = dataclasses.replace(data, labels=labels)
     second = downstream.run(cfg, spec, shuffled, subsets[0][1.0], tmp_path / "b")
-    assert second["best_epoch"] == first["best_epoch"]
+    assert second.best_epoch == first.best_epoch
     assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
-    assert second["confusion_matrix"] != first["confusion_matrix"] and second["test_loss"] != first["test_loss"]
+    assert second.confusion_matrix != first.confusion_matrix and second.test_loss != first.test_loss
 
 
 def test_seed_report_config_parses():
@@ -196,13 +199,13 @@ def test_step_budget_validation_interval_and_validation_threshold(tmp_path):
     per_epoch = -(-len(labeled) // 4)
     every = max(1, -(-24 // per_epoch) // 2)
     assert every > 1
-    assert rec["epochs"] % every == 0 and rec["epochs"] * per_epoch >= 24 > (rec["epochs"] - every) * per_epoch
-    assert rec["steps"] == rec["epochs"] * per_epoch - (len(labeled) % 4 == 1) * rec["epochs"]
+    assert rec.epochs % every == 0 and rec.epochs * per_epoch >= 24 > (rec.epochs - every) * per_epoch
+    assert rec.steps == rec.epochs * per_epoch - (len(labeled) % 4 == 1) * rec.epochs
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
     validated = [int(r.split(",")[0]) for r in rows if r.split(",")[4] != ""]
-    assert validated == [e for e in range(rec["epochs"]) if (e + 1) % every == 0]
-    assert rec["best_epoch"] in validated
-    assert 0 < rec["threshold"] <= 1
+    assert validated == [e for e in range(rec.epochs) if (e + 1) % every == 0]
+    assert rec.best_epoch in validated
+    assert 0 < rec.threshold <= 1
 
 
 def test_step_budget_caps_an_epoch_of_a_large_subset():
@@ -222,9 +225,10 @@ def test_tuning_run_never_reads_the_test_split(finished_study, tmp_path):
     blinded = dataclasses.replace(data, labels=labels, images=images)
     for mode in ("frozen", "finetune"):
         spec = _spec(tmp_path, mode, _encoder_file(finished_study))
-        rec = downstream.run(cfg, spec, blinded, subsets[0][1.0], tmp_path / mode)
-        assert rec["test_acc"] is None and rec["test_auroc"] is None and rec["n_test"] == 0
-        assert 0 <= rec["val_balanced_acc"] <= 1 and rec["val_loss"] > 0
+        stored = features.features(cfg, Path(spec.init), data.images, tmp_path / "features", data.key) if mode == "frozen" else None
+        rec = downstream.run(cfg, spec, blinded, subsets[0][1.0], tmp_path / mode, stored)
+        assert rec.test_acc is None and rec.test_auroc is None and rec.n_test == 0
+        assert 0 <= rec.val_balanced_acc <= 1 and rec.val_loss > 0
 
 
 def test_tuning_study_records_validation_and_writes_no_report(tmp_path, capsys):

@@ -134,6 +134,13 @@ class DownstreamConfig:
 
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.5])
     modes: list[Literal["finetune", "frozen"]] = field(default_factory=lambda: ["finetune", "frozen"])
+    # Evaluation protocols, any registered name (histossl.protocols): finetune, frozen, linear, knn.
+    # Empty: ``modes`` (the older key) says which protocols run.
+    protocols: list[str] = field(default_factory=list)
+    shots: list[int] = field(default_factory=list)  # label budgets of k labelled train images per class, beside ``fractions``
+    linear_c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe: inverse L2 strengths tried on validation
+    knn_k_grid: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])  # kNN: neighbour counts tried on validation
+    knn_temperature: float = 0.07  # kNN vote weight exp(cosine / T) (Wu et al. 2018, arXiv:1805.01978; DINO's eval_knn)
     lr_schedules: list[Literal["cosine", "constant"]] = field(default_factory=lambda: ["cosine", "constant"])
     seeds: list[int] = field(default_factory=lambda: [0])
     baselines: list[str] = field(default_factory=lambda: ["random"])  # supervised from these inits
@@ -377,6 +384,11 @@ def pretrain_seeds(config: Config) -> list[int]:
     return list(config.pretrain.seeds) or [config.seed]
 
 
+def downstream_protocols(config: Config) -> list[str]:
+    """The protocols a study runs: ``downstream.protocols``, or ``downstream.modes`` when that is empty."""
+    return list(config.downstream.protocols) or list(config.downstream.modes)
+
+
 def encoder_chain(config: Config, entry: EncoderConfig) -> list[str]:
     """The data sets an encoder is pretrained on, in order (the target alone by default)."""
     return list(entry.chain) or [config.target]
@@ -414,7 +426,18 @@ def validate(config: Config) -> None:
         need(enc.epochs is None or enc.epochs >= 1, f"{key}.epochs", f"must be at least 1, got {enc.epochs}")
         need(name != "supervised" and not name.startswith("supervised"), key, "names starting with 'supervised' are the baselines'")
     d = config.downstream
-    need(len(d.fractions) >= 1, "downstream.fractions", "give at least one fraction")
+    need(len(d.fractions) + len(d.shots) >= 1, "downstream.fractions", "give at least one fraction (or downstream.shots)")
+    for k in d.shots:
+        need(k >= 1, "downstream.shots", f"each budget must be at least 1 labelled image per class, got {k}")
+    need(len(set(d.shots)) == len(d.shots), "downstream.shots", f"budgets repeat: {d.shots}")
+    from histossl.protocols import PROTOCOLS  # imported here: the protocols import the training code, which imports this module
+
+    for name in d.protocols:
+        need(name in PROTOCOLS, "downstream.protocols", f"unknown protocol {name!r}; registered: {', '.join(PROTOCOLS.names())}")
+    need(len(set(d.protocols)) == len(d.protocols), "downstream.protocols", f"protocols repeat: {d.protocols}")
+    need(len(d.linear_c_grid) >= 1 and all(c > 0 for c in d.linear_c_grid), "downstream.linear_c_grid", f"give positive values, got {d.linear_c_grid}")
+    need(len(d.knn_k_grid) >= 1 and all(k >= 1 for k in d.knn_k_grid), "downstream.knn_k_grid", f"give values of at least 1, got {d.knn_k_grid}")
+    need(d.knn_temperature > 0, "downstream.knn_temperature", f"must be positive, got {d.knn_temperature}")
     for f in d.fractions:
         need(0 < f <= 1, "downstream.fractions", f"each fraction must be in (0, 1], got {f}")
     need(len(set(d.fractions)) == len(d.fractions), "downstream.fractions", "fractions repeat")

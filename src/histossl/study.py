@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -21,11 +22,11 @@ import numpy as np
 import yaml
 
 from histossl import config as config_mod
-from histossl import provenance, records
+from histossl import features, provenance, records
 from histossl.config import Config
-from histossl.data.cache import DecodedImages, decode_cached
+from histossl.data.cache import DecodedImages, cache_key, decode_cached
 from histossl.data.sources import ImageIndex, load_index
-from histossl.data.splits import label_subsets, load_or_make_split
+from histossl.data.splits import label_subsets, labels_per_class, load_or_make_split, shot_subsets
 from histossl.data.synth import synthesize
 from histossl.errors import ConfigError, DataError, HistosslError
 from histossl.io import atomic_write_json, atomic_write_text
@@ -78,6 +79,7 @@ def write_config(cfg: Config, out: Path) -> None:
             old = config_mod.to_dict(config_mod.from_dict(old))
         except ConfigError:
             pass  # compared as written: the first difference names the key
+        old = _accept_added_budgets_and_protocols(old, new)
         hardware = ("trainer", "name")
         diff = _first_difference({k: v for k, v in old.items() if k not in hardware}, {k: v for k, v in new.items() if k not in hardware})
         if diff:
@@ -86,6 +88,25 @@ def write_config(cfg: Config, out: Path) -> None:
                 "rerun with the same config to resume, or choose another --out"
             )
     config_mod.save(cfg, path)
+
+
+def _accept_added_budgets_and_protocols(old: dict, new: dict) -> dict:
+    """``old`` with the new protocols, fractions and shots when the new config only adds to them.
+
+    Adding ``linear`` and ``knn`` (or a 5-shot budget) to a finished study adds runs and leaves every
+    recorded run valid, so it resumes the study instead of refusing it.
+    """
+    try:
+        o, n = old["downstream"], new["downstream"]
+        grows = (set(o.get("protocols") or o.get("modes") or []) <= set(n.get("protocols") or n.get("modes") or [])
+                 and set(o.get("fractions") or []) <= set(n.get("fractions") or [])
+                 and set(o.get("shots") or []) <= set(n.get("shots") or []))
+    except (KeyError, TypeError, AttributeError):
+        return old
+    if not grows:
+        return old
+    keys = ("protocols", "modes", "fractions", "shots")
+    return {**old, "downstream": {**o, **{k: n[k] for k in keys if k in n}}}
 
 
 def _first_difference(a, b, key: str = "") -> str | None:
@@ -126,26 +147,52 @@ def load_dataset(cfg: Config, name: str, out: Path) -> Dataset:
     return Dataset(name, index, decoded)
 
 
-def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.TargetData, dict[int, dict[float, np.ndarray]]]:
-    """The split (saved as split.csv, reused on every rerun) and the label subsets of each seed."""
+def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.TargetData, dict[int, dict]]:
+    """The split (saved as split.csv, reused on every rerun) and the labelled subsets of each seed.
+
+    The subsets of a seed are keyed by budget: the fraction (a float), or ``("shots", k)``; they are
+    written to ``subsets.json`` with the labelled images per class. A protocol that chooses on
+    validation with an empty val split, or more shots than a class has training images, is a
+    ConfigError here, before any run.
+    """
+    from histossl.protocols import PROTOCOLS
+
     split = load_or_make_split(out / "split.csv", target.index, cfg.split)
     keep = target.decoded.keep
     labels = target.index.labels[keep]
     split_rows = split[keep]
     rows = {name: np.flatnonzero(split_rows == name) for name in ("train", "val", "test")}
+    if len(rows["val"]) == 0:
+        for name in config_mod.downstream_protocols(cfg):
+            if PROTOCOLS.get(name).needs_validation:
+                raise ConfigError(f"downstream.protocols: {name!r} chooses on the validation split, and the val split "
+                                  f"of data set {cfg.target!r} is empty; give the manifest val rows")
     for name, r in rows.items():
         if len(r) == 0:
             raise DataError(f"the {name} split of data set {cfg.target!r} is empty; check split.* or the manifest's split column")
     paths = [str(p.relative_to(target.index.root)) if p.is_relative_to(target.index.root) else str(p) for p in target.index.paths]
-    data = downstream.TargetData(target.decoded.images, labels, target.index.classes, rows["train"], rows["val"], rows["test"],
+    classes = target.index.classes
+    key = hashlib.sha256(f"{cache_key(target.index, cfg.image_size)}\n{cfg.image_size}\n{len(keep)}".encode()).hexdigest()[:16]
+    data = downstream.TargetData(target.decoded.images, labels, classes, rows["train"], rows["val"], rows["test"], key,
                                  paths=[paths[i] for i in keep], groups=target.index.groups[keep])
-    # Seed s draws subset s: every method sees the same labelled images for the same seed.
-    subsets = {seed: label_subsets(labels, rows["train"], cfg.downstream.fractions, seed) for seed in cfg.downstream.seeds}
+    # Seed s draws subset s: every method and protocol sees the same labelled images for the same seed.
+    subsets: dict[int, dict] = {}
+    for seed in cfg.downstream.seeds:
+        subsets[seed] = dict(label_subsets(labels, rows["train"], cfg.downstream.fractions, seed))
+        for k, idx in shot_subsets(labels, rows["train"], cfg.downstream.shots, seed, classes).items():
+            subsets[seed][("shots", k)] = idx
+
+    def name(budget) -> str:
+        return f"{budget[1]}-shot" if isinstance(budget, tuple) else str(budget)
+
     atomic_write_json(
         out / "subsets.json",
         {
-            str(seed): {str(f): {"n": int(len(idx)), "paths": [paths[keep[i]] for i in idx]} for f, idx in by_fraction.items()}
-            for seed, by_fraction in subsets.items()
+            str(seed): {
+                name(b): {"n": int(len(idx)), "per_class": labels_per_class(labels, idx, len(classes)), "paths": [paths[keep[i]] for i in idx]}
+                for b, idx in by_budget.items()
+            }
+            for seed, by_budget in subsets.items()
         },
     )
     return data, subsets
@@ -183,31 +230,46 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
     return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
 
 
+def _budgets(cfg: Config) -> list[tuple[float | None, int | None]]:
+    """(label_fraction, shots) of every label budget: the fractions, then the shots."""
+    return [(f, None) for f in cfg.downstream.fractions] + [(None, k) for k in cfg.downstream.shots]
+
+
+def _run_name(encoder: str, protocol: str, schedule: str | None, fraction: float | None, shots: int | None, seed: int) -> str:
+    budget = f"f{fraction:g}" if shots is None else f"k{shots}"
+    return "__".join([encoder, protocol, *([schedule] if schedule else []), budget, f"s{seed}"])
+
+
 def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path) -> list[downstream.RunSpec]:
-    """The cross product of encoders x modes x schedules x fractions x seeds, and the baselines, by fraction.
+    """Encoders x protocols (x lr schedules, where the protocol has one) x budgets x seeds, and the baselines.
 
     Downstream seed i runs on the encoder of pretraining seed i mod n (``encoders`` lists one stage per
     pretraining seed); a run on a pretraining seed other than the study seed has ``__p<seed>`` in its name.
+    The supervised baselines are finetune runs, for every schedule, budget and seed.
     """
+    from histossl.protocols import PROTOCOLS
+
     d = cfg.downstream
     specs = []
-    grid = list(itertools.product(d.lr_schedules, d.fractions, d.seeds))
+    budgets = _budgets(cfg)
     for name, stages in encoders.items():
-        for mode in d.modes:
-            for schedule, fraction, seed in grid:
+        for protocol in config_mod.downstream_protocols(cfg):
+            schedules = d.lr_schedules if PROTOCOLS.get(protocol).uses_lr_schedule else [None]
+            for schedule, (fraction, shots), seed in itertools.product(schedules, budgets, d.seeds):
                 stage = stages[d.seeds.index(seed) % len(stages)]
                 suffix = "" if stage.seed == cfg.seed else f"__p{stage.seed}"
                 specs.append(
                     downstream.RunSpec(
-                        name=f"{name}__{mode}__{schedule}__f{fraction:g}__s{seed}{suffix}",
+                        name=_run_name(name, protocol, schedule, fraction, shots, seed) + suffix,
                         encoder=name,
                         method=stage.method,
                         pretrain_chain=stage.chain,
                         pretrain_dir=f"pretrain/{stage.folder}",
                         init=str(out / "pretrain" / stage.folder / "encoder.safetensors"),
-                        mode=mode,
+                        protocol=protocol,
                         lr_schedule=schedule,
                         label_fraction=fraction,
+                        shots=shots,
                         seed=seed,
                         pretrain_seed=stage.seed,
                     )
@@ -217,40 +279,52 @@ def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path)
             log.warning("supervised baseline from imagenet skipped: no weights at %s", imagenet_weights_path(cfg.backbone.name))
             continue
         name = "supervised" if init == "random" else f"supervised_{pretrain.init_label(init)}"
-        for schedule, fraction, seed in grid:
+        for schedule, (fraction, shots), seed in itertools.product(d.lr_schedules, budgets, d.seeds):
             specs.append(
                 downstream.RunSpec(
-                    name=f"{name}__finetune__{schedule}__f{fraction:g}__s{seed}",
+                    name=_run_name(name, "finetune", schedule, fraction, shots, seed),
                     encoder=name,
                     method="supervised",
                     pretrain_chain="none" if init == "random" else pretrain.init_label(init),
                     pretrain_dir=None,
                     init=init,
-                    mode="finetune",
+                    protocol="finetune",
                     lr_schedule=schedule,
                     label_fraction=fraction,
+                    shots=shots,
                     seed=seed,
                 )
             )
-    # Label-scarce fractions first: a study stopped part-way has its 5% cells complete, every
-    # encoder and the baseline with all their seeds, rather than one encoder at every fraction.
-    return sorted(specs, key=lambda s: s.label_fraction)
+    # Label-scarce budgets first (shots, then fractions, each ascending): a study stopped part-way has
+    # its smallest budgets complete, every encoder and the baseline with all their seeds.
+    return sorted(specs, key=lambda s: (s.shots is None, s.shots or 0, s.label_fraction or 0.0))
 
 
 def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> int:
-    """Run every spec not yet in results.jsonl; returns how many ran now."""
+    """Run every spec not yet in results.jsonl; returns how many ran now.
+
+    Protocols that read a frozen encoder get its features from the feature store (``OUT/features``),
+    computed once per encoder file and reused by every such run.
+    """
+    from histossl.protocols import PROTOCOLS
+
     target = load_dataset(cfg, cfg.target, out)
     data, subsets = target_data(cfg, target, out)
-    done = {r.get("run") for r in records.load(out / RESULTS)}
+    done = records.finished_runs(out / RESULTS)
     todo = [s for s in specs if f"downstream/{s.name}" not in done]
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
     for i, spec in enumerate(todo, 1):
-        record = downstream.run(cfg, spec, data, subsets[spec.seed][spec.label_fraction], out / "downstream" / spec.name)
-        records.append(out / RESULTS, {**record, **provenance.record_fields()})
+        stored = None
+        if PROTOCOLS.get(spec.protocol).uses_features:
+            stored = features.features(cfg, Path(spec.init), data.images, out / features.FOLDER, data.key)
+        record = downstream.run(cfg, spec, data, subsets[spec.seed][spec.budget], out / "downstream" / spec.name, stored)
+        record = dataclasses.replace(record, **provenance.record_fields())
+        records.append(out / RESULTS, record)
         split = "test" if cfg.downstream.test else "val"
         log.info(
             "[%d/%d] %s: %s acc %.2f%%, balanced acc %.2f%% (%.0f s)",
-            i, len(todo), spec.name, split, 100 * record[f"{split}_acc"], 100 * record[f"{split}_balanced_acc"], record["wall_s"],
+            i, len(todo), spec.name, split, 100 * getattr(record, f"{split}_acc"), 100 * getattr(record, f"{split}_balanced_acc"),
+            record.wall_s,
         )
     return len(todo)
 
@@ -266,6 +340,7 @@ def run_study(cfg: Config, out: Path) -> Path:
     with study_lock(out):
         with provenance.invocation(out):
             write_config(cfg, out)
+            target_data(cfg, load_dataset(cfg, cfg.target, out), out)  # bad budgets fail now, not after pretraining
             encoders = pretrain_all(cfg, out)
             run_downstream(cfg, out, run_specs(cfg, encoders, out))
         if not cfg.downstream.test:

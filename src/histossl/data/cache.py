@@ -177,3 +177,8 @@ class _Progress:
         if self.enabled and self.last - self.start > 0:  # only after a long decode that printed before
             elapsed = time.monotonic() - self.start
             print(f"{self.label}: {self.total}/{self.total} in {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+
+def cache_key(index: ImageIndex, image_size: int) -> str:
+    """The key of the decoded images of ``index`` at ``image_size`` (their folder name in the cache)."""
+    return _cache_key(index, image_size)

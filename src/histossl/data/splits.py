@@ -1,4 +1,4 @@
-"""Train/val/test splits that keep every group (patient) whole, and nested label-fraction subsets.
+"""Train/val/test splits that keep every group (patient) whole, and nested label-fraction and few-shot subsets.
 
 Patches of one patient share stain, scanner and tissue; letting them fall on both sides of a split
 inflates test accuracy (the reason the IDC literature splits by patient). The split assigns whole
@@ -136,16 +136,67 @@ def label_subsets(labels: np.ndarray, train_idx: np.ndarray, fractions: list[flo
     for f in fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"downstream.fractions: each fraction must be in (0, 1], got {f}")
-    rng = np.random.default_rng(seed)
-    train_idx = np.sort(np.asarray(train_idx, dtype=np.int64))
-    train_labels = np.asarray(labels)[train_idx]
-    per_class = [rng.permutation(train_idx[train_labels == c]) for c in np.unique(train_labels)]
+    per_class = _class_permutations(labels, train_idx, seed)
     subsets = {}
     for f in fractions:
         # floor(x + 0.5) is monotone in f, which keeps the prefixes nested
         taken = [perm[: max(1, int(np.floor(f * len(perm) + 0.5)))] for perm in per_class]
         subsets[f] = np.sort(np.concatenate(taken)).astype(np.int64)
     return subsets
+
+
+def _class_permutations(labels: np.ndarray, train_idx: np.ndarray, seed: int) -> list[np.ndarray]:
+    """One seeded random order of each class's training images (the classes present, in label order).
+
+    Fractions and shots both take prefixes of these orders, so at one seed every budget's subset is
+    nested in the larger ones of its kind, and the same for every method and protocol.
+    """
+    rng = np.random.default_rng(seed)
+    train_idx = np.sort(np.asarray(train_idx, dtype=np.int64))
+    train_labels = np.asarray(labels)[train_idx]
+    return [rng.permutation(train_idx[train_labels == c]) for c in np.unique(train_labels)]
+
+
+def shot_subsets(
+    labels: np.ndarray, train_idx: np.ndarray, shots: list[int], seed: int, classes: list[str] | None = None
+) -> dict[int, np.ndarray]:
+    """Few-shot subsets: ``k`` labelled training images of every class, seeded and nested across ``k``.
+
+    The ``k`` images of a class are the first ``k`` of the same per-class order the fractions use.
+
+    Args:
+        labels: ``(N,)`` class of every image of the index.
+        train_idx: Indices (into the index) of the training images.
+        shots: Images per class, each at least 1.
+        seed: Same seed, same subsets.
+        classes: Class names, for the error message.
+
+    Returns:
+        Per ``k``, sorted int64 indices into the index.
+
+    Raises:
+        ConfigError: ``k`` below 1, or above the training images of some class.
+    """
+    per_class = _class_permutations(labels, train_idx, seed)
+    present = np.unique(np.asarray(labels)[np.asarray(train_idx, dtype=np.int64)]).tolist()
+    by_class = dict(zip(present, per_class))
+    every_class = range(len(classes)) if classes is not None else present
+    subsets = {}
+    for k in shots:
+        if k < 1:
+            raise ConfigError(f"downstream.shots: each budget must be at least 1, got {k}")
+        for c in every_class:
+            perm = by_class.get(c, np.empty(0, dtype=np.int64))
+            if len(perm) < k:
+                name = classes[c] if classes is not None else str(c)
+                raise ConfigError(f"downstream.shots: {k} exceeds the {len(perm)} training images of class {name!r}")
+        subsets[k] = np.sort(np.concatenate([perm[:k] for perm in per_class])).astype(np.int64)
+    return subsets
+
+
+def labels_per_class(labels: np.ndarray, subset: np.ndarray, n_classes: int) -> list[int]:
+    """How many labelled images each class has in ``subset`` (0 for a class it misses)."""
+    return np.bincount(np.asarray(labels)[subset], minlength=n_classes).astype(int).tolist()
 
 
 def save_split(path: Path, index: ImageIndex, split: np.ndarray) -> None:

@@ -5,8 +5,8 @@ the statistics (``histossl.stats``), matplotlib's Agg canvas and yaml, so ``hist
 
 Public API:
     build_report(out_dir) -> Path: write report.md, report.html and figures/; return report.md's path.
-    load_records(out_dir) -> list[dict]: the results.jsonl records, corrupt lines skipped with a warning.
-    aggregate(records) -> Aggregate: records grouped into table cells (mode, schedule, fraction, encoder).
+    load_records(out_dir) -> list[dict]: the results.jsonl records (read by histossl.records), corrupt lines skipped with a warning.
+    aggregate(records) -> Aggregate: records grouped into table cells (CellKey: protocol, schedule, budget, encoder).
     find_flags(records, stages) -> list[Flag]: collapsed runs, pretext tasks at chance, identical results.
     verdict.compare(records) -> list[Comparison]: paired comparisons by seed, Holm-corrected (the verdict).
     compare.compare_studies(dir_a, dir_b) -> str: two studies on the same split, cell by cell (markdown).

@@ -29,8 +29,10 @@ from histossl.report.tables import (
     METRIC_TABLES,
     MODE_TITLES,
     Aggregate,
+    CellKey,
     aggregate,
     build_table,
+    format_budget,
     format_fraction,
     has_metric,
     runs_table,
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
 # Figure names this module writes; stale ones from an earlier build are removed, nothing else is.
-_OWN_FIGURE = re.compile(r"^(pretext_|downstream_|accuracy_vs_fraction|confusion_|difference_to_supervised).*\.png$")
+_OWN_FIGURE = re.compile(r"^(pretext_|downstream_|accuracy_vs_fraction|accuracy_vs_shots|confusion_|difference_to_supervised).*\.png$")
 
 
 def safe_name(text: str) -> str:
@@ -78,11 +80,17 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
     if len(p_seeds) > 1:  # several pretrainings per encoder: the spread over seeds covers them too
         pairing = (f"; each SSL encoder pretrained once per seed {', '.join(map(str, p_seeds))}, downstream seed i on the "
                    "encoder of pretraining seed i mod n, so ± std covers pretraining as well as downstream seeds")
+    # Worded as before protocols when only the two original ones ran, so older reports rebuild unchanged.
+    axis = "modes" if set(agg.modes) <= {"finetune", "frozen"} else "protocols"
+    if any(b.kind == "shots" for b in agg.budgets):
+        budgets = f"label budgets {', '.join(format_budget(b) for b in agg.budgets)}"
+    else:
+        budgets = f"label fractions {', '.join(format_fraction(f) for f in agg.fractions) or '—'}"
     items = [
         f"Study folder `{out_dir}`; resolved configuration `{out_dir / 'config.yaml'}`",
-        f"**{len(records)} downstream runs**: {len(agg.encoders)} encoders × modes "
-        f"{', '.join(agg.modes) or '—'} × lr schedules {', '.join(agg.schedules) or '—'} × label fractions "
-        f"{', '.join(format_fraction(f) for f in agg.fractions) or '—'}; seeds {', '.join(map(str, seeds)) or '—'}{pairing}",
+        f"**{len(records)} downstream runs**: {len(agg.encoders)} encoders × {axis} "
+        f"{', '.join(agg.modes) or '—'} × lr schedules {', '.join(agg.schedules) or '—'} × {budgets}; "
+        f"seeds {', '.join(map(str, seeds)) or '—'}{pairing}",
         f"{len(stages)} pretraining stages with curves; compute: {_duration(_sum_field([s.info for s in stages], 'wall_s'))}"
         f" pretraining, {_duration(_sum_field(records, 'wall_s'))} downstream",
     ]
@@ -154,21 +162,22 @@ def _stage_table(stages: list[Stage]) -> Table:
 
 
 def _downstream_curves(out_dir: Path, agg: Aggregate) -> list[Figure]:
-    """For each encoder and mode: the curves of one seed (the lowest) per label fraction.
+    """For each encoder and protocol that trains with epochs: the curves of one seed (the lowest) per budget.
 
-    The cosine schedule is shown where the encoder has it, else its first schedule.
+    The cosine schedule is shown where the encoder has it, else its first schedule; protocols
+    without a schedule (linear, knn) have no epochs and no curves.
     """
     result = []
     for encoder in agg.encoders:
         for mode in agg.modes:
-            own = [k for k in agg.cells if k[0] == mode and k[3] == encoder]
-            if not own:
+            own = [k for k in agg.cells if k.protocol == mode and k.encoder == encoder]
+            schedules = [s for s in agg.schedules if any(k.schedule == s for k in own)]
+            if not schedules:
                 continue
-            schedules = [s for s in agg.schedules if any(k[1] == s for k in own)]
             schedule = schedules[0]
             curves = []
-            for fraction in agg.fractions:
-                runs = agg.cells.get((mode, schedule, fraction, encoder), [])
+            for budget in agg.budgets:
+                runs = agg.cells.get(CellKey(mode, schedule, budget, encoder), [])
                 if not runs:
                     continue
                 first = min(runs, key=lambda r: (str(r.get("seed")), str(r.get("run"))))
@@ -176,7 +185,7 @@ def _downstream_curves(out_dir: Path, agg: Aggregate) -> list[Figure]:
                 if first.get("run") and path.is_file():
                     columns = read_metrics_csv(path)
                     if columns.get("epoch"):
-                        curves.append((f"{format_fraction(fraction)} (seed {first.get('seed')})", columns))
+                        curves.append((f"{format_budget(budget)} (seed {first.get('seed')})", columns))
             if not curves:
                 continue
             title = f"{encoder}, {MODE_TITLES.get(mode, mode).lower()}, {schedule} lr: downstream curves"
@@ -189,7 +198,7 @@ def _confusions(agg: Aggregate) -> list[Figure]:
     """Each encoder's best run (highest test balanced accuracy) as a confusion matrix."""
     result = []
     for encoder in agg.encoders:
-        runs = [r for k, rs in agg.cells.items() if k[3] == encoder for r in rs
+        runs = [r for k, rs in agg.cells.items() if k.encoder == encoder for r in rs
                 if isinstance(r.get("confusion_matrix"), list) and r["confusion_matrix"]
                 and isinstance(r.get("test_balanced_acc"), int | float)]
         if not runs:
@@ -238,14 +247,17 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
     name = _study_name(out_dir)
 
     blocks: list[Block] = _header(out_dir, name, records, stages, agg)
+    verdict_figures: list[Figure] = []  # drawn inside the verdict section, written with the others
+    blocks += _verdict(out_dir, records, verdict_figures if draw_figures else None)
     figures: list[Figure] = []
-    blocks += _verdict(out_dir, records, figures if draw_figures else None)
     blocks += _warnings(problems, flags, users)
 
     if not records:
         blocks.append(Paragraph("No downstream run has finished yet (`results.jsonl` is missing or empty)."))
     blocks.append(Paragraph(
-        "Rows: labelled fraction of the training set. Columns: encoders. Supervised baselines train the whole "
+        ("Rows: labelled images per class (shots), then labelled fraction of the training set. "
+         if any(b.kind == "shots" for b in agg.budgets) else "Rows: labelled fraction of the training set. ") +
+        "Columns: encoders. Supervised baselines train the whole "
         "network, so they appear in every table, marked *(end to end)* in frozen-encoder tables. "
         f"{FLAG_MARK} on a cell: it holds a flagged run; on a column: its pretext task never left chance "
         "(see Warnings). Which runs make each cell: see *Runs behind each cell*."
@@ -257,13 +269,18 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
         for mode, schedule in agg.tables():
             blocks.append(build_table(agg, metric, mode, schedule, flagged_runs, suspicious))
 
-    for index, schedule in enumerate(agg.schedules if draw_figures else []):
-        path = f"{FIGURES_DIR}/accuracy_vs_fraction{'' if index == 0 else '_' + safe_name(schedule)}.png"
-        caption = f"Test accuracy and balanced accuracy against label fraction, {schedule} lr schedule"
-        figures.append(Figure(path, caption, draw.accuracy_vs_fraction_figure(agg, schedule)))
+    # One figure per schedule (protocols without one are drawn in each) and kind of budget; a panel per protocol.
+    kinds = [kind for kind in ("fraction", "shots") if any(b.kind == kind for b in agg.budgets)]
+    for kind in kinds if draw_figures else []:
+        for index, schedule in enumerate(agg.schedules or [None]):
+            path = f"{FIGURES_DIR}/accuracy_vs_{kind}{'' if index == 0 else '_' + safe_name(schedule)}.png"
+            against = "label fraction" if kind == "fraction" else "labelled images per class (shots)"
+            caption = f"Test accuracy and balanced accuracy against {against}" + (f", {schedule} lr schedule" if schedule else "")
+            figures.append(Figure(path, caption, draw.accuracy_vs_fraction_figure(agg, schedule, kind)))
     if figures:
         blocks.append(Heading(2, "Accuracy against label fraction"))
         blocks += figures
+    figures += verdict_figures
 
     if records:
         blocks += [Heading(2, "Runs behind each cell"), runs_table(agg)]

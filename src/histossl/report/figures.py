@@ -87,28 +87,34 @@ def downstream_figure(title: str, curves: list[tuple[str, dict[str, list[float |
     return _png(fig)
 
 
-def accuracy_vs_fraction_figure(agg: Aggregate, schedule: str) -> bytes:
-    """Test accuracy and balanced accuracy against label fraction; a line per encoder, a column per mode.
+def accuracy_vs_fraction_figure(agg: Aggregate, schedule: str | None, kind: str = "fraction") -> bytes:
+    """Test accuracy and balanced accuracy against the label budget; a line per encoder, a column per protocol.
 
-    Error bars are the sample std over seeds. Dotted grey: the majority-class accuracy (left row) and
-    chance 1/classes (right row), the levels a collapsed run sits at.
+    ``kind`` is ``fraction`` (x: labelled fraction) or ``shots`` (x: labelled images per class). The
+    protocols drawn are those with runs under ``schedule`` and those without an lr schedule. Error
+    bars are the sample std over seeds. Dotted grey: the majority-class accuracy (top row) and
+    chance 1/classes (bottom row), the levels a collapsed run sits at.
     """
-    modes = [m for m in agg.modes if (m, schedule) in agg.tables()]
+    present = agg.tables()
+    modes = [m for m in agg.modes if (m, schedule) in present or (m, None) in present]
+    budgets = [b for b in agg.budgets if b.kind == kind]
+    scale = 100 if kind == "fraction" else 1
     metrics = (("test_acc", "test accuracy (%)"), ("test_balanced_acc", "balanced accuracy (%)"))
     fig = Figure(figsize=(4.8 * len(modes), 7.0))
     fig.subplots_adjust(left=0.09 if len(modes) > 1 else 0.16, right=0.98, bottom=0.08, top=0.9,
                         wspace=0.22, hspace=0.32)
     grid = fig.subplots(2, len(modes), squeeze=False)
     for col, mode in enumerate(modes):
-        encoders = agg.columns(mode, schedule)
+        mode_schedule = schedule if (mode, schedule) in present else None
+        encoders = agg.columns(mode, mode_schedule)
         for row, (field, ylabel) in enumerate(metrics):
             ax = grid[row][col]
             for index, encoder in enumerate(encoders):
                 xs, ys, errs = [], [], []
-                for fraction in agg.fractions:
-                    stat = summarize(r.get(field) for r in agg.runs(mode, schedule, fraction, encoder))
+                for budget in budgets:
+                    stat = summarize(r.get(field) for r in agg.runs(mode, mode_schedule, budget, encoder))
                     if stat is not None:
-                        xs.append(100 * fraction)
+                        xs.append(scale * budget.value)
                         ys.append(100 * stat.mean)
                         errs.append(100 * (stat.std or 0.0))
                 if not xs:
@@ -119,24 +125,26 @@ def accuracy_vs_fraction_figure(agg: Aggregate, schedule: str) -> bytes:
                     linestyle=":" if end_to_end else "-",
                     label=encoder + (" (end to end)" if end_to_end else ""),
                 )
-            reference = _reference_level(agg, mode, schedule, field)
+            reference = _reference_level(agg, mode, mode_schedule, field)
             if reference is not None:
                 name = "majority class" if field == "test_acc" else "chance"
                 ax.axhline(100 * reference, color="grey", linestyle=":", linewidth=1, label=name)
             ax.set_xscale("log")
-            ticks = [100 * f for f in agg.fractions]
-            ax.set_xticks(ticks, [format_fraction(f) for f in agg.fractions])
+            ax.set_xticks([scale * b.value for b in budgets],
+                          [format_fraction(b.value) if kind == "fraction" else f"{b.value:g}" for b in budgets])
             ax.minorticks_off()
-            ax.set(xlabel="labelled fraction of the training set", ylabel=ylabel)
-            ax.set_title(f"{mode}, {schedule} lr", fontsize=10)
+            ax.set(xlabel="labelled fraction of the training set" if kind == "fraction" else "labelled images per class",
+                   ylabel=ylabel)
+            ax.set_title(f"{mode}, {mode_schedule} lr" if mode_schedule else mode, fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Test accuracy against label fraction (mean ± std over seeds)", fontsize=11)
+    against = "label fraction" if kind == "fraction" else "labelled images per class"
+    fig.suptitle(f"Test accuracy against {against} (mean ± std over seeds)", fontsize=11)
     return _png(fig)
 
 
-def _reference_level(agg: Aggregate, mode: str, schedule: str, field: str) -> float | None:
-    runs = [r for k, rs in agg.cells.items() if k[0] == mode and k[1] == schedule for r in rs]
+def _reference_level(agg: Aggregate, mode: str, schedule: str | None, field: str) -> float | None:
+    runs = [r for k, rs in agg.cells.items() if k.protocol == mode and k.schedule == schedule for r in rs]
     if field == "test_acc":
         stat = summarize(r.get("test_majority_acc") for r in runs)
         return stat.mean if stat else None

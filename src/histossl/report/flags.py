@@ -5,6 +5,8 @@
 2. A pretext task whose accuracy never left chance: the encoder learnt nothing from it.
 3. Two different runs with the same (test loss, test accuracy) to the shown precision: a hint of a
    copied result (the seed report's other mistake) or of a run that did not use its settings.
+4. A label budget that leaves a class with fewer than 2 labelled images (5% of a 30-image class
+   rounds to 1; a class is never left with none, the subsets keep one): its cells rest on one example.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from histossl.report.records import Stage
+from histossl.report.tables import Budget, format_budget
 
 # Balanced accuracy this close to 1/classes counts as chance.
 BALANCED_CHANCE_MARGIN = 0.01
+# A class with fewer labelled images than this in a run's subset is flagged.
+MIN_LABELS_PER_CLASS = 2
 
 
 @dataclass(frozen=True)
 class Flag:
     """A warning for the reader. ``runs`` are downstream run folders; ``stage`` a pretraining stage."""
 
-    kind: str  # "collapsed" | "pretext_chance" | "identical"
+    kind: str  # "collapsed" | "pretext_chance" | "identical" | "few_labels"
     message: str
     runs: tuple[str, ...] = ()
     stage: str | None = None
@@ -126,6 +131,31 @@ def identical_results(records: list[dict[str, Any]]) -> list[Flag]:
     return flags
 
 
+def few_labels(records: list[dict[str, Any]]) -> list[Flag]:
+    """Per label budget, the classes some seed's subset gives fewer than ``MIN_LABELS_PER_CLASS`` images.
+
+    Read from the records' ``labels_per_class`` (records written before it existed are not checked).
+    """
+    short: dict[Budget, dict[str, set[str]]] = {}
+    runs: dict[Budget, set[str]] = {}
+    for record in records:
+        counts, classes = record.get("labels_per_class"), record.get("classes")
+        if not isinstance(counts, list) or not isinstance(classes, list) or len(counts) != len(classes):
+            continue
+        budget = Budget.of(record)
+        for name, count in zip(classes, counts):
+            if isinstance(count, int) and count < MIN_LABELS_PER_CLASS:
+                short.setdefault(budget, {}).setdefault(f"`{name}` ({count})", set()).add(str(record.get("seed")))
+                runs.setdefault(budget, set()).add(str(record.get("run") or "?"))
+    flags = []
+    for budget in sorted(short, key=lambda b: b.order):
+        listed = "; ".join(f"{c} at seed {', '.join(sorted(seeds))}" for c, seeds in sorted(short[budget].items()))
+        flags.append(Flag("few_labels", f"Label budget {format_budget(budget)} leaves classes with fewer than "
+                          f"{MIN_LABELS_PER_CLASS} labelled images (count in brackets): {listed}; "
+                          "its cells rest on too few images of those classes.", tuple(sorted(runs[budget]))))
+    return flags
+
+
 def find_flags(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
-    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, identical results."""
-    return collapsed_runs(records) + pretext_at_chance(stages) + identical_results(records)
+    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, identical results, too few labels."""
+    return collapsed_runs(records) + pretext_at_chance(stages) + identical_results(records) + few_labels(records)

@@ -19,10 +19,7 @@ from histossl import records
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.jsonl"
-
-# Fields without which a record cannot be placed in a table or a cell cannot be computed.
-REQUIRED_FIELDS = ("mode", "lr_schedule", "label_fraction", "seed", "test_loss", "test_acc")
+RESULTS_FILE = records.RESULTS_FILE
 
 
 @dataclass(frozen=True)
@@ -73,38 +70,15 @@ def _as_float(value: Any) -> float | None:
 
 
 def read_records(out_dir: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
-    """Parse ``OUT/results.jsonl`` into records, and say what had to be skipped.
+    """The records of ``OUT/results.jsonl`` as plain dicts (``histossl.records.read``), and what was skipped.
 
-    A line that is not a JSON object or lacks a field the tables need is skipped. When the same
-    ``run`` folder appears twice (a run redone after a resume), the later record wins.
+    Every dict has ``protocol`` (``mode`` for records written before protocols) and ``encoder``.
     """
-    path = Path(out_dir) / RESULTS_FILE
-    problems: list[Problem] = []
-    if not path.is_file():
-        return [], problems
-    by_key: dict[Any, dict[str, Any]] = {}
-    good, bad = records.parse(path.read_text(encoding="utf-8", errors="replace"))
-    problems += [Problem(f"{RESULTS_FILE} line {number} {why}; skipped") for number, why in bad]
-    for number, record, _ in good:
-        where = f"{RESULTS_FILE} line {number}"
-        missing = [name for name in REQUIRED_FIELDS if name not in record]
-        if missing:
-            problems.append(Problem(f"{where} lacks {', '.join(missing)}; skipped"))
-            continue
-        record = dict(record)
-        # The table column: the study's encoder name; older records may only carry the method.
-        record.setdefault("encoder", record.get("method") or "unknown")
-        record["label_fraction"] = float(record["label_fraction"])
-        key = record.get("run") or (
-            record["encoder"], record["mode"], record["lr_schedule"], record["label_fraction"], record["seed"], number
-        )
-        if key in by_key:
-            problems.append(Problem(f"{where} repeats run `{key}`; the later record is used"))
-            del by_key[key]  # re-insert so the order follows the file's last occurrence
-        by_key[key] = record
+    found, messages = records.read_dicts(out_dir)
+    problems = [Problem(m) for m in messages]
     for problem in problems:
         log.warning("%s: %s", out_dir, problem.message)
-    return list(by_key.values()), problems
+    return found, problems
 
 
 def load_records(out_dir: Path) -> list[dict[str, Any]]:

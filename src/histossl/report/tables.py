@@ -1,8 +1,9 @@
 """Group downstream records into table cells (mean ± sample std over seeds) and lay out the tables.
 
-A table is one (mode, lr schedule) pair: rows are label fractions, columns are encoders (the
-record's ``encoder`` field). Supervised baselines train the whole network whatever the mode, so
-they appear as a column of every table; in a frozen-encoder table they are marked "(end to end)".
+A table is one protocol with one lr schedule (or none, for protocols without one such as linear and
+knn): rows are label budgets (shots per class, then fractions), columns are encoders (the record's
+``encoder`` field). Supervised baselines train the whole network whatever the protocol, so they
+appear as a column of every table; in another protocol's table they are marked "(end to end)".
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from histossl.report.document import Cell, Table
 
 MISSING = "—"
 FLAG_MARK = "⚠"
-MODE_TITLES = {"finetune": "Fine-tuned encoder", "frozen": "Frozen encoder"}
-MODE_ORDER = ("finetune", "frozen")
+# The report imports no torch, so not the protocol registry: titles of the built-in protocols here,
+# any other protocol is shown by its name.
+MODE_TITLES = {"finetune": "Fine-tuned encoder", "frozen": "Frozen encoder", "linear": "Linear probe (frozen encoder)",
+               "knn": "kNN (frozen encoder)"}
+MODE_ORDER = ("finetune", "frozen", "linear", "knn")
 SCHEDULE_ORDER = ("cosine", "constant")
 
 
@@ -69,47 +73,99 @@ def format_fraction(fraction: float) -> str:
     return f"{100 * fraction:.4g}%"
 
 
+class Budget(NamedTuple):
+    """A label budget, a row of the tables: ``("fraction", 0.05)`` or ``("shots", 5)``. Shots sort first."""
+
+    kind: str  # "shots" | "fraction"
+    value: float
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Budget:
+        if record.get("shots") is not None:
+            return cls("shots", float(record["shots"]))
+        return cls("fraction", float(record["label_fraction"]))
+
+    @property
+    def order(self) -> tuple[int, float]:
+        return (0 if self.kind == "shots" else 1, self.value)
+
+
+def format_budget(budget: Budget) -> str:
+    """``5%`` for a fraction, ``1 shot`` / ``5 shots`` (labelled images per class) for shots."""
+    if budget.kind == "shots":
+        return f"{budget.value:g} shot{'' if budget.value == 1 else 's'}"
+    return format_fraction(budget.value)
+
+
+class CellKey(NamedTuple):
+    """Where a record goes: protocol, lr schedule (None for protocols without one), budget, encoder."""
+
+    protocol: str
+    schedule: str | None
+    budget: Budget
+    encoder: str
+
+
 def is_supervised(record: dict[str, Any]) -> bool:
     return record.get("method") == "supervised"
 
 
+def _by_seed(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(runs, key=lambda r: (str(r.get("seed")), str(r.get("run"))))
+
+
 @dataclass
 class Aggregate:
-    """Records grouped by (mode, lr_schedule, label_fraction, encoder), plus the axes of the tables."""
+    """Records grouped by ``CellKey``, plus the axes of the tables.
 
-    cells: dict[tuple[str, str, float, str], list[dict[str, Any]]]
+    ``modes`` are the protocols present (the name predates protocols), ``schedules`` the lr
+    schedules present (None is not listed), ``budgets`` the rows.
+    """
+
+    cells: dict[CellKey, list[dict[str, Any]]]
     modes: list[str]
     schedules: list[str]
-    fractions: list[float]
+    budgets: list[Budget]
     encoders: list[str]  # self-supervised first, then supervised baselines; each group sorted
     supervised: set[str] = field(default_factory=set)
 
-    def runs(self, mode: str, schedule: str, fraction: float, encoder: str) -> list[dict[str, Any]]:
+    @property
+    def protocols(self) -> list[str]:
+        return self.modes
+
+    @property
+    def fractions(self) -> list[float]:
+        return [b.value for b in self.budgets if b.kind == "fraction"]
+
+    def runs(self, mode: str, schedule: str | None, budget: Budget | float, encoder: str) -> list[dict[str, Any]]:
         """The records behind one table cell, sorted by seed.
 
-        A supervised baseline has no frozen variant: in a frozen table its cell falls back to its
-        own (end-to-end) runs with the same schedule and fraction.
+        A supervised baseline has no frozen variant: in another protocol's table its cell falls back
+        to its own (end-to-end) runs with the same schedule (the first schedule for protocols without
+        one) and budget.
         """
-        found = self.cells.get((mode, schedule, fraction, encoder), [])
+        budget = budget if isinstance(budget, Budget) else Budget("fraction", float(budget))
+        found = self.cells.get(CellKey(mode, schedule, budget, encoder), [])
         if not found and encoder in self.supervised:
             for other in self.modes:
-                found = self.cells.get((other, schedule, fraction, encoder), [])
-                if found:
-                    break
-        return sorted(found, key=lambda r: (str(r.get("seed")), str(r.get("run"))))
+                for other_schedule in [schedule] if schedule is not None else self.schedules:
+                    found = self.cells.get(CellKey(other, other_schedule, budget, encoder), [])
+                    if found:
+                        return _by_seed(found)
+        return _by_seed(found)
 
     def end_to_end(self, mode: str, encoder: str) -> bool:
-        """Whether a supervised column in this mode's table shows runs of another mode."""
-        return encoder in self.supervised and not any(k[0] == mode and k[3] == encoder for k in self.cells)
+        """Whether a supervised column in this protocol's table shows runs of another protocol."""
+        return encoder in self.supervised and not any(k.protocol == mode and k.encoder == encoder for k in self.cells)
 
-    def columns(self, mode: str, schedule: str) -> list[str]:
-        own = {k[3] for k in self.cells if k[0] == mode and k[1] == schedule}
+    def columns(self, mode: str, schedule: str | None) -> list[str]:
+        own = {k.encoder for k in self.cells if k.protocol == mode and k.schedule == schedule}
         return [e for e in self.encoders if e in own or e in self.supervised]
 
-    def tables(self) -> list[tuple[str, str]]:
-        """(mode, schedule) pairs with at least one run, in reading order."""
-        present = {(k[0], k[1]) for k in self.cells}
-        return [(m, s) for m in self.modes for s in self.schedules if (m, s) in present]
+    def tables(self) -> list[tuple[str, str | None]]:
+        """(protocol, schedule) pairs with at least one run, in reading order; schedule None where the protocol has none."""
+        present = {(k.protocol, k.schedule) for k in self.cells}
+        return [(m, s) for m in self.modes for s in [*self.schedules, None] if (m, s) in present]
 
 
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -119,19 +175,21 @@ def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
 
 def aggregate(records: Iterable[dict[str, Any]]) -> Aggregate:
     """Group records into table cells. Deterministic: the same records give the same tables in any order."""
-    cells: dict[tuple[str, str, float, str], list[dict[str, Any]]] = {}
+    cells: dict[CellKey, list[dict[str, Any]]] = {}
     supervised: set[str] = set()
     for record in records:
-        key = (str(record["mode"]), str(record["lr_schedule"]), float(record["label_fraction"]), str(record["encoder"]))
+        schedule = record.get("lr_schedule")
+        key = CellKey(str(record.get("protocol") or record["mode"]), None if schedule is None else str(schedule),
+                      Budget.of(record), str(record["encoder"]))
         cells.setdefault(key, []).append(record)
         if is_supervised(record):
-            supervised.add(key[3])
-    encoders = {k[3] for k in cells}
+            supervised.add(key.encoder)
+    encoders = {k.encoder for k in cells}
     return Aggregate(
         cells=cells,
-        modes=_order((k[0] for k in cells), MODE_ORDER),
-        schedules=_order((k[1] for k in cells), SCHEDULE_ORDER),
-        fractions=sorted({k[2] for k in cells}),
+        modes=_order((k.protocol for k in cells), MODE_ORDER),
+        schedules=_order((k.schedule for k in cells if k.schedule is not None), SCHEDULE_ORDER),
+        budgets=sorted({k.budget for k in cells}, key=lambda b: b.order),
         encoders=sorted(encoders - supervised) + sorted(supervised),
         supervised=supervised,
     )
@@ -176,7 +234,7 @@ def build_table(
     agg: Aggregate,
     metric: MetricTable,
     mode: str,
-    schedule: str,
+    schedule: str | None,
     flagged_runs: set[str] = frozenset(),
     suspicious_encoders: set[str] = frozenset(),
 ) -> Table:
@@ -184,18 +242,18 @@ def build_table(
     encoders = agg.columns(mode, schedule)
     header = ["labels"] + [column_header(agg, mode, e, suspicious_encoders) for e in encoders]
     counts = Counter()
-    grid: list[tuple[float, list[list[dict[str, Any]]]]] = []
-    for fraction in agg.fractions:
-        row_runs = [agg.runs(mode, schedule, fraction, e) for e in encoders]
+    grid: list[tuple[Budget, list[list[dict[str, Any]]]]] = []
+    for budget in agg.budgets:
+        row_runs = [agg.runs(mode, schedule, budget, e) for e in encoders]
         if any(row_runs):
-            grid.append((fraction, row_runs))
+            grid.append((budget, row_runs))
             counts.update(len(r) for r in row_runs if r)
     usual_n = counts.most_common(1)[0][0] if counts else 0
     rows: list[list[Cell]] = []
-    for fraction, row_runs in grid:
+    for budget, row_runs in grid:
         means = [summarize(r.get(metric.best_field) for r in runs) for runs in row_runs]
         best = max((m.mean for m in means if m is not None and math.isfinite(m.mean)), default=None)
-        row = [Cell(format_fraction(fraction))]
+        row = [Cell(format_budget(budget))]
         for runs, mean in zip(row_runs, means):
             text = metric.formatter(runs) if runs else MISSING
             if runs and len(runs) != usual_n:
@@ -207,9 +265,14 @@ def build_table(
     seeds = "1 seed per cell" if usual_n == 1 else f"mean ± sample std over {usual_n} seeds per cell"
     if len(counts) > 1:
         seeds += ", other counts marked (n=…)"
+    own = [r for (k, runs) in agg.cells.items() if k.protocol == mode and k.schedule == schedule for r in runs]
+    if "test_loss" in metric.fields and own and all(r.get("test_loss") is None for r in own):
+        seeds += "; no test loss: this protocol's scores are not probabilities"
     best = "highest mean accuracy" if metric.best_field == "test_acc" else "highest mean"
-    caption = f"**{MODE_TITLES.get(mode, mode)}, {schedule} lr schedule** ({seeds}; bold: {best} of the row)"
-    return Table(header=header, rows=rows, caption=caption, key=f"{metric.key}/{mode}/{schedule}")
+    title = MODE_TITLES.get(mode, mode) + ("" if schedule is None else f", {schedule} lr schedule")
+    caption = f"**{title}** ({seeds}; bold: {best} of the row)"
+    key = f"{metric.key}/{mode}" + ("" if schedule is None else f"/{schedule}")
+    return Table(header=header, rows=rows, caption=caption, key=key)
 
 
 def has_metric(agg: Aggregate, metric: MetricTable) -> bool:
@@ -221,11 +284,10 @@ def runs_table(agg: Aggregate) -> Table:
     header = ["encoder", "mode", "lr schedule", "labels", "seeds", "run folders", "pretrain"]
     rows: list[list[Cell]] = []
     for mode in agg.modes:
-        for schedule in agg.schedules:
+        for schedule in [*agg.schedules, None]:
             for encoder in agg.encoders:
-                for fraction in agg.fractions:
-                    runs = sorted(agg.cells.get((mode, schedule, fraction, encoder), []),
-                                  key=lambda r: (str(r.get("seed")), str(r.get("run"))))
+                for budget in agg.budgets:
+                    runs = _by_seed(agg.cells.get(CellKey(mode, schedule, budget, encoder), []))
                     if not runs:
                         continue
                     seeds = ", ".join(str(r.get("seed")) for r in runs)
@@ -236,5 +298,5 @@ def runs_table(agg: Aggregate) -> Table:
                     if chains:
                         source += " (chain " + ", ".join(f"`{c}`" for c in chains) + ")"
                     rows.append([Cell(c) for c in (
-                        encoder, mode, schedule, format_fraction(fraction), seeds, folders, source)])
+                        encoder, mode, schedule or MISSING, format_budget(budget), seeds, folders, source)])
     return Table(header=header, rows=rows, key="runs")

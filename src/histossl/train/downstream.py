@@ -1,10 +1,11 @@
-"""Downstream runs: an MLP (or linear) head on an encoder, trained on a fraction of the labels.
+"""Downstream runs: what every protocol shares, and the runner that turns one run into its record.
 
-``finetune`` trains encoder and head together (the encoder at ``encoder_lr_scale`` times the head's
-lr) with light augmentation; ``frozen`` trains the head alone on features computed once per encoder
-and cached. The supervised baseline is a fine-tune run from ``random`` (or ``imagenet``) weights.
-Model selection uses the validation split only: the checkpoint of the best validation epoch is
-kept and the test split is evaluated once, with those weights, after training.
+A run is an encoder, a protocol (``histossl.protocols``: finetune, frozen, linear, knn, ...), a label
+budget (a fraction of the train split, or k images per class) and a seed. ``run`` seeds, lets the
+protocol fit and choose on the validation split only, and evaluates the test split once.
+The Lightning module and the fit-and-select loop here are shared by the protocols that train a
+head (``finetune`` trains encoder and head; ``frozen`` a head on the feature store). The
+supervised baseline is a finetune run from ``random`` (or ``imagenet``) weights.
 """
 
 from __future__ import annotations
@@ -21,27 +22,22 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from histossl import augment
 from histossl.config import Config, DownstreamConfig
 from histossl import predictions
+from histossl.data.splits import labels_per_class
 from histossl.metrics import best_threshold, classification_metrics, decisions, majority_accuracy
-from histossl.models.backbones import build_encoder
-from histossl.models.heads import classifier_head
+from histossl.records import RunRecord
 from histossl.train.common import (
-    ArrayBatches,
     EpochCSV,
-    EpochShuffle,
     RngStateInCheckpoint,
     checkpoint_callbacks,
     last_checkpoint,
-    loader,
     make_optimizer,
     make_trainer,
     scheduled,
 )
-from histossl.train.pretrain import prepare_encoder
 
 log = logging.getLogger(__name__)
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_auroc", "lr"]
@@ -57,6 +53,7 @@ class TargetData:
     train: np.ndarray  # row indices of the train split
     val: np.ndarray
     test: np.ndarray
+    key: str = ""  # names the decoded images (data and image size): part of the feature store's key
     paths: list[str] | None = None  # per row, relative to the data set's root (for test_predictions.csv)
     groups: np.ndarray | None = None  # per row, the patient or slide
 
@@ -71,11 +68,17 @@ class RunSpec:
     pretrain_chain: str
     pretrain_dir: str | None  # pretrain/<stage> of the encoder, None for supervised baselines
     init: str  # weights file of the pretrained encoder, or random / imagenet for baselines
-    mode: str  # finetune | frozen
-    lr_schedule: str
-    label_fraction: float
+    protocol: str  # a registered protocol: finetune, frozen, linear, knn, ...
+    lr_schedule: str | None  # None for protocols without one
+    label_fraction: float | None  # the budget: a fraction of the train split, or
     seed: int
     pretrain_seed: int | None = None  # the seed the encoder was pretrained with; None for baselines
+    shots: int | None = None  # ... labelled train images per class (label_fraction None)
+
+    @property
+    def budget(self) -> float | tuple[str, int]:
+        """The key of this run's labelled subset: the fraction, or ``("shots", k)``."""
+        return self.label_fraction if self.shots is None else ("shots", self.shots)
 
 
 def run_lr(cfg: Config, schedule: str) -> float:
@@ -180,34 +183,6 @@ def head_out(head: nn.Module) -> int:
     return last.out_features
 
 
-@torch.no_grad()
-def encode(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Features (len(rows), D) of un-augmented images, in eval mode, on the encoder's device."""
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(images[rows[start : start + batch_size]])).to(device)
-        out.append(encoder(augment.normalize(augment.to_float(chunk))).float().cpu())
-    return torch.cat(out).numpy()
-
-
-def cached_features(cfg: Config, encoder_path: Path, data: TargetData, path: Path) -> np.ndarray:
-    """Features of every target image for a frozen encoder, computed once and kept at ``path``."""
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
-    encoder = build_encoder(cfg.backbone, str(encoder_path))
-    if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
-        encoder = encoder.cuda()
-    rows = np.arange(len(data.labels))
-    features = encode(encoder, data.images, rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, features)
-    tmp.replace(path)
-    return features
-
-
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, normalised to mean 1 over the classes present."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
@@ -215,46 +190,27 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_dir: Path) -> dict:
-    """Train one downstream run (resuming from its last checkpoint) and evaluate the test split once.
+def fit_and_select(
+    cfg: Config, module: DownstreamModule, train_loader, val_loader, run_dir: Path,
+    epochs: int, val_every: int, batches: int | None,
+) -> tuple[int, int]:
+    """Train ``module`` (resuming from its last checkpoint) and load the weights of the best validation epoch.
 
-    Returns the results.jsonl record. Test labels are read only after training has finished.
+    Shared by the protocols that train a head with Lightning (``finetune``, ``frozen``). The selection
+    metric is ``downstream.select_metric``; the checkpoints are removed afterwards.
+
+    Returns:
+        (optimizer steps taken, best epoch).
     """
     d = cfg.downstream
-    start = time.time()
-    pl.seed_everything(spec.seed, workers=True, verbose=False)
-    n_classes = len(data.classes)
-    lr = run_lr(cfg, spec.lr_schedule)
-    weights = class_weights(data.labels[labeled], n_classes) if d.class_weighted else None
-    batch = min(d.batch_size, len(labeled))
-    drop_last = len(labeled) % batch == 1  # a last batch of one breaks batch norm
-    if spec.mode == "frozen":
-        # One cache per encoder file: a pretraining stage (each pretraining seed its own), or the one encoder of ``evaluate``.
-        feature_file = run_dir.parent.parent / "features" / f"{Path(spec.pretrain_dir or spec.encoder).name}.npy"
-        features = np.asarray(cached_features(cfg, Path(spec.init), data, feature_file), dtype=np.float32)
-        head = classifier_head(features.shape[1], n_classes, d.head, d.hidden_dim, d.dropout)
-        module = DownstreamModule(None, head, cfg, lr, spec.lr_schedule, weights)
-        train_set = TensorDataset(torch.from_numpy(features[labeled]), torch.from_numpy(data.labels[labeled]))
-        val_set = TensorDataset(torch.from_numpy(features[data.val]), torch.from_numpy(data.labels[data.val]))
-        train_loader = DataLoader(train_set, batch_size=batch, sampler=EpochShuffle(train_set, spec.seed), drop_last=drop_last)
-        val_loader = DataLoader(val_set, batch_size=1024)
-        epochs, val_every, batches = d.frozen_epochs, 1, None
-    else:
-        encoder = build_encoder(cfg.backbone, spec.init)
-        head = classifier_head(encoder.num_features, n_classes, d.head, d.hidden_dim, d.dropout)
-        prepare_encoder(encoder, cfg)
-        module = DownstreamModule(encoder, head, cfg, lr, spec.lr_schedule, weights)
-        train_set = ArrayBatches(data.images, labeled, data.labels)
-        train_loader = loader(train_set, batch, shuffle=True, drop_last=drop_last, cfg=cfg.trainer, seed=spec.seed)
-        val_loader = loader(ArrayBatches(data.images, data.val, data.labels), 256, False, False, cfg.trainer, spec.seed)
-        epochs, val_every, batches = finetune_epochs(d, len(train_loader))
+    trains_encoder = module.encoder is not None
     ckpt_dir = run_dir / "checkpoints"
     select_mode = "min" if d.select_metric == "val_loss" else "max"
-    *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=spec.mode == "finetune", every=val_every)
+    *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=trains_encoder, every=val_every)
     trainer = make_trainer(
-        cfg.trainer if spec.mode == "finetune" else frozen_trainer(cfg),
+        cfg.trainer if trains_encoder else frozen_trainer(cfg),
         epochs,
-        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=spec.mode == "finetune"), *last, best_checkpoint],
+        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=trains_encoder), *last, best_checkpoint],
         run_dir,
         validate=True,
         val_every=val_every,
@@ -266,14 +222,30 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     module.eval()
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return int(trainer.global_step), int(best["epoch"])
 
-    @torch.no_grad()
-    def logits_of(rows: np.ndarray) -> np.ndarray:
-        if spec.mode == "frozen":
-            return module.head(torch.from_numpy(features[rows])).numpy()
-        return predict(module, data.images, rows)
 
-    val_logits, val_labels = logits_of(data.val), data.labels[data.val]
+def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_dir: Path, features: np.ndarray | None = None) -> RunRecord:
+    """One downstream run under its protocol, then the test split once; returns its record.
+
+    The protocol fits on the labelled subset and chooses what it chooses on the validation split
+    only; the decision threshold (two classes, ``downstream.threshold: val``) is chosen on
+    validation too. Test labels are read only after that, once.
+
+    Args:
+        features: ``(N, D)`` features of every target image from the feature store, for protocols
+            with ``uses_features``; None otherwise.
+    """
+    from histossl.protocols import PROTOCOLS, Job  # the protocols import this module
+
+    d = cfg.downstream
+    start = time.time()
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    protocol = PROTOCOLS.get(spec.protocol)()
+    n_classes = len(data.classes)
+    fitted = protocol.fit(Job(cfg, spec, data, labeled, run_dir, features))
+    val_logits, val_labels = fitted.logits(data.val), data.labels[data.val]
     val = classification_metrics(val_logits, val_labels, n_classes)  # argmax decisions: what tuning compares
     threshold = None
     if d.threshold == "val" and n_classes == 2:  # chosen on validation, with the selected weights
@@ -282,49 +254,51 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     test_labels = data.labels[data.test]
     metrics = dict.fromkeys(("loss", "acc", "balanced_acc", "macro_f1", "auroc", "confusion_matrix"))
     if d.test:
-        test_logits = logits_of(data.test)
+        test_logits = fitted.logits(data.test)
         metrics = classification_metrics(test_logits, test_labels, n_classes, threshold)
         save_test_predictions(run_dir / predictions.FILE, data, decisions(test_logits, threshold))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return {
-        "method": spec.method,
-        "pretrain_chain": spec.pretrain_chain,
-        "mode": spec.mode,
-        "label_fraction": spec.label_fraction,
-        "n_labeled": int(len(labeled)),
-        "lr": lr,
-        "lr_schedule": spec.lr_schedule,
-        "seed": spec.seed,
-        "epochs": epochs,
-        "steps": int(trainer.global_step),
-        "best_epoch": int(best["epoch"]),
-        "threshold": threshold,
-        "test_loss": metrics["loss"],
-        "test_acc": metrics["acc"],
-        "test_balanced_acc": metrics["balanced_acc"],
-        "test_macro_f1": metrics["macro_f1"],
-        "test_auroc": metrics["auroc"],
-        "n_test": int(len(data.test)) if d.test else 0,
-        "wall_s": round(time.time() - start, 2),
-        "encoder": spec.encoder,
-        "run": f"downstream/{spec.name}",
-        "pretrain_dir": spec.pretrain_dir,
-        "pretrain_seed": spec.pretrain_seed,
-        "init": spec.init,
-        "head": d.head,
-        "backbone": cfg.backbone.name,
-        "image_size": cfg.image_size,
-        "select_metric": d.select_metric,
-        "n_val": int(len(data.val)),
-        "classes": list(data.classes),
-        "confusion_matrix": metrics["confusion_matrix"],
-        "test_majority_acc": majority_accuracy(test_labels) if d.test else None,
-        "val_loss": val["loss"],
-        "val_acc": val["acc"],
-        "val_balanced_acc": val["balanced_acc"],
-        "val_auroc": val["auroc"],
-        "config": "config.yaml",
-    }
+    return RunRecord(
+        method=spec.method,
+        pretrain_chain=spec.pretrain_chain,
+        protocol=spec.protocol,
+        label_fraction=spec.label_fraction,
+        shots=spec.shots,
+        n_labeled=int(len(labeled)),
+        lr=fitted.lr,
+        lr_schedule=spec.lr_schedule,
+        seed=spec.seed,
+        epochs=fitted.epochs,
+        steps=fitted.steps,
+        best_epoch=fitted.best_epoch,
+        threshold=threshold,
+        test_loss=metrics["loss"] if protocol.has_loss else None,
+        test_acc=metrics["acc"],
+        test_balanced_acc=metrics["balanced_acc"],
+        test_macro_f1=metrics["macro_f1"],
+        test_auroc=metrics["auroc"],
+        n_test=int(len(data.test)) if d.test else 0,
+        wall_s=round(time.time() - start, 2),
+        encoder=spec.encoder,
+        run=f"downstream/{spec.name}",
+        pretrain_dir=spec.pretrain_dir,
+        pretrain_seed=spec.pretrain_seed,
+        init=spec.init,
+        head=d.head if fitted.epochs is not None else None,
+        backbone=cfg.backbone.name,
+        image_size=cfg.image_size,
+        select_metric=d.select_metric,
+        n_val=int(len(data.val)),
+        classes=list(data.classes),
+        confusion_matrix=metrics["confusion_matrix"],
+        test_majority_acc=majority_accuracy(test_labels) if d.test else None,
+        val_loss=val["loss"] if protocol.has_loss else None,
+        val_acc=val["acc"],
+        val_balanced_acc=val["balanced_acc"],
+        val_auroc=val["auroc"],
+        config="config.yaml",
+        labels_per_class=labels_per_class(data.labels, labeled, n_classes),
+        chosen=fitted.chosen,
+    )
 
 
 def save_test_predictions(path: Path, data: TargetData, preds: np.ndarray) -> None:

@@ -1,0 +1,47 @@
+"""``finetune``: encoder and head trained together on the labelled subset, with light augmentation.
+
+The encoder learns at ``encoder_lr_scale`` times the head's lr; the checkpoint of the best
+validation epoch (``select_metric``) is kept. The supervised baseline is this protocol from
+``random`` (or ``imagenet``) weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from histossl.models.backbones import build_encoder
+from histossl.models.heads import classifier_head
+from histossl.protocols.base import PROTOCOLS, Fitted, Job, Protocol
+from histossl.train.common import ArrayBatches, loader
+from histossl.train.downstream import DownstreamModule, class_weights, finetune_epochs, fit_and_select, predict, run_lr
+from histossl.train.pretrain import prepare_encoder
+
+
+@PROTOCOLS.register("finetune")
+class Finetune(Protocol):
+    title = "Fine-tuned encoder"
+    uses_lr_schedule = True
+    trains_encoder = True
+    uses_features = False
+
+    def fit(self, job: Job) -> Fitted:
+        cfg, spec, data, labeled = job.cfg, job.spec, job.data, job.labeled
+        d = cfg.downstream
+        lr = run_lr(cfg, spec.lr_schedule)
+        weights = class_weights(data.labels[labeled], len(data.classes)) if d.class_weighted else None
+        batch = min(d.batch_size, len(labeled))
+        drop_last = len(labeled) % batch == 1  # a last batch of one breaks batch norm
+        encoder = build_encoder(cfg.backbone, spec.init)
+        head = classifier_head(encoder.num_features, len(data.classes), d.head, d.hidden_dim, d.dropout)
+        prepare_encoder(encoder, cfg)
+        module = DownstreamModule(encoder, head, cfg, lr, spec.lr_schedule, weights)
+        train_loader = loader(ArrayBatches(data.images, labeled, data.labels), batch, shuffle=True, drop_last=drop_last,
+                              cfg=cfg.trainer, seed=spec.seed)
+        val_loader = loader(ArrayBatches(data.images, data.val, data.labels), 256, False, False, cfg.trainer, spec.seed)
+        epochs, val_every, batches = finetune_epochs(d, len(train_loader))
+        steps, best_epoch = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, val_every, batches)
+
+        def logits(rows: np.ndarray) -> np.ndarray:
+            return predict(module, data.images, rows)
+
+        return Fitted(logits, lr=lr, epochs=epochs, steps=steps, best_epoch=best_epoch)
