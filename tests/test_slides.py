@@ -104,13 +104,17 @@ def test_bad_slides_are_named_and_the_others_go_on(tmp_path, shared_data, capsys
     (slides / "notes.svs").write_text("not a slide at all\n")
     data = (shared_data / SLIDE).read_bytes()
     (slides / "cut.svs").write_bytes(data[: len(data) // 3])
+    damaged = bytearray(data)  # header and directory intact, a tenth of the JPEG tiles zeroed
+    damaged[len(data) // 2: len(data) * 6 // 10] = bytes(len(data) * 6 // 10 - len(data) // 2)
+    (slides / "damaged.svs").write_bytes(bytes(damaged))
     code = cli.main(["data", "tile", str(slides), "--out", str(tmp_path / "out"), "--patch-size", "64", "--mpp", "2", "--workers", "2"])
     err = capsys.readouterr().err
     assert code == 1
-    assert any("notes.svs" in line for line in err.splitlines()) and any("cut.svs" in line for line in err.splitlines())
-    assert "2 of 3 slides failed (cut, notes)" in err
+    for name, why in (("notes.svs", "not a slide"), ("cut.svs", "not a slide"), ("damaged.svs", "cannot tile the slide")):
+        assert any(f"{slides / name}: {why}" in line for line in err.splitlines()), name
+    assert "3 of 4 slides failed (cut, damaged, notes)" in err
     assert (tmp_path / "out" / "good" / ".tiles.json").is_file()
-    assert not (tmp_path / "out" / "notes").exists() and not (tmp_path / "out" / "cut").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good", "manifest.csv"]
     assert "good/" in (tmp_path / "out" / "manifest.csv").read_text()
 
 

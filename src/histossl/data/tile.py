@@ -184,11 +184,13 @@ def _tile_safely(task: tuple) -> SlideResult:
     start = time.monotonic()
     try:
         n = tile_slide(slide, folder, settings, label, progress)
-    except HistosslError as err:
-        return SlideResult(folder.name, error=str(err))
     except Exception as err:  # OpenSlide and Pillow raise many types for broken files
+        if folder.exists() and not (folder / MARKER).exists():  # no half slide left behind
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(err, HistosslError):
+            return SlideResult(folder.name, error=str(err))
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return SlideResult(folder.name, error=f"{slide}: cannot tile the slide ({reason})")
+        return SlideResult(folder.name, error=f"{slide}: cannot tile the slide, damaged or truncated? ({reason})")
     return SlideResult(folder.name, n, time.monotonic() - start)
 
 
@@ -203,7 +205,7 @@ def tile_slide(slide_path: Path, folder: Path, settings: TileSettings, label: st
     try:
         slide = openslide.OpenSlide(str(slide_path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise DataError(f"{slide_path}: not a slide OpenSlide can read") from None
+        raise DataError(f"{slide_path}: not a slide OpenSlide can read (another kind of file, or truncated)") from None
     except openslide.OpenSlideError as err:
         raise DataError(f"{slide_path}: cannot open the slide ({str(err).splitlines()[0]})") from None
     with slide:
