@@ -393,7 +393,23 @@ def test_chain_from_slide_tiles_to_a_labelled_target_runs_end_to_end(tiles, tmp_
     out = tmp_path / "study"
     report = study.run_study(cfg, out)
     assert report.is_file()
-    stage_dirs = sorted(p.name for p in (out / "pretrain").iterdir())
-    assert any("tiles" in d and "crc" not in d for d in stage_dirs) and any("tiles-crc" in d for d in stage_dirs)
+    stages = {json.loads(p.read_text())["chain"]: json.loads(p.read_text()) for p in (out / "pretrain").glob("*/stage.json")}
+    assert set(stages) == {"crc", "tiles", "tiles>crc"}
+    n_tiles = len(list((tiles / "CMU-1-Small-Region").glob("*.png")))
+    assert stages["tiles"]["n_images"] == n_tiles  # an unlabelled pool: every patch
+    n_train = sum(1 for line in (out / "split.csv").read_text().splitlines() if line.endswith(",train"))
+    assert stages["tiles>crc"]["n_images"] == stages["crc"]["n_images"] == n_train < 70  # the target: its train split only
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["pretrain_chain"] for r in records} >= {"tiles>crc"}
+
+
+def test_stain_and_labels_keys_round_trip_and_are_checked(tmp_path):
+    cfg = config.load(None, ["datasets.target.synthetic=true", "datasets.target.stain_normalization.method=reinhard",
+                             "datasets.target.stain_normalization.reference=ref.png",
+                             f"datasets.pool.path={tmp_path}", "datasets.pool.labels=false"])
+    assert cfg.datasets["target"].stain_normalization == StainNormalizationConfig("reinhard", "ref.png")
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match=r"datasets.target.stain_normalization: expected .*vahadane"):
+        config.load(None, ["datasets.target.stain_normalization.method=vahadane"])
+    with pytest.raises(ConfigError, match="datasets.target.stain_normalization.reference: give the reference image"):
+        config.load(None, ["datasets.target.synthetic=true", "datasets.target.stain_normalization.method=macenko"])
