@@ -22,6 +22,7 @@ from histossl.data.tissue import rgb_to_hsv
 from histossl.errors import ConfigError, DataError, HistosslError
 
 SLIDE = "wsi/CMU-1-Small-Region.svs"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 
 
 def write_image(path: Path, rgb: np.ndarray) -> Path:
@@ -37,8 +38,6 @@ def noise_image(seed: int, size: int = 12) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory) -> Path:
     """The real slide tiled once: 224 px at 0.5 µm/px (the acceptance command)."""
-    from tests.conftest import SHARED_DATA
-
     if not (SHARED_DATA / SLIDE).is_file():
         pytest.fail(f"real slide expected at {SHARED_DATA / SLIDE}")
     out = tmp_path_factory.mktemp("tiles") / "tiles"
@@ -181,7 +180,7 @@ def test_unlabelled_manifest_needs_no_label_column(tmp_path):
     (tmp_path / "m.csv").write_text("path,group\np0.png,s1\np1.png,s1\np2.png,s2\n")
     index = load_index(tmp_path / "m.csv", labels=False)
     assert len(index) == 3 and index.groups.tolist() == ["s1", "s1", "s2"]
-    with pytest.raises(DataError, match="path,label"):
+    with pytest.raises(DataError, match="path,label.*set datasets.<name>.labels: false"):
         load_index(tmp_path / "m.csv")
 
 

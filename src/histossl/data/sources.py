@@ -152,7 +152,8 @@ def _index_folder(root: Path) -> tuple[ImageIndex, list[str]]:
     top = _subfolders(root)
     if not top:
         where = "has images but no class folders" if _images_in(root) else "has no class folders"
-        raise DataError(f"{root}: {where}; expected ROOT/<class>/<image> or ROOT/<group>/<class>/<image>")
+        raise DataError(f"{root}: {where}; expected ROOT/<class>/<image> or ROOT/<group>/<class>/<image> "
+                        "(unlabelled images: set datasets.<name>.labels: false)")
     # Grouped when no top-level folder holds images itself but some hold folders.
     grouped = not any(_images_in(d) for d in top) and any(_subfolders(d) for d in top)
     records: list[tuple[Path, str, str]] = []  # (path, class, group)
@@ -223,7 +224,8 @@ def _index_manifest(manifest: Path, labelled: bool = True) -> ImageIndex:
                 if needed not in columns:
                     got = ",".join(columns) or "nothing"
                     header = "path,label[,group][,split]" if labelled else "path[,group][,split] (labels: false)"
-                    raise DataError(f"{manifest}: header must name columns {header}; got {got}")
+                    hint = " (unlabelled images: set datasets.<name>.labels: false)" if labelled and "path" in columns else ""
+                    raise DataError(f"{manifest}: header must name columns {header}; got {got}{hint}")
             reader.fieldnames = columns
             group_column = "group" if "group" in columns else "slide" if "slide" in columns else None
             has_groups, has_splits = group_column is not None, "split" in columns

@@ -269,7 +269,7 @@ def _resolution(slide, settings: TileSettings, slide_path: Path) -> tuple[float,
     if downsample < 0.99:  # 1% slack: 0.5 µm/px from a 0.499 µm/px slide is level 0 as it is
         asked = f"{settings.magnification:g}x" if settings.magnification else f"{settings.mpp:g} µm/px"
         raise DataError(f"{slide_path}: {asked} is finer than the slide's {base_mpp:g} µm/px; ask for a coarser resolution")
-    return base_mpp, max(downsample, 1.0) if downsample < 1 else downsample
+    return base_mpp, max(downsample, 1.0)
 
 
 def _float(text: str | None) -> float | None:
