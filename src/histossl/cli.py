@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", type=Path, help="write the markdown table to this file (default: standard output)")
     cmp.add_argument("--metric", default="test_balanced_acc", help="record field to compare (default: test_balanced_acc)")
 
-    data = sub.add_parser("data", help="data sets: synth, inspect").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    data = sub.add_parser("data", help="data sets: synth, inspect, tile").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     synth = data.add_parser("synth", help="write the synthetic tissue data set as a group/class image folder")
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--classes", help="comma-separated tissue classes (default: all)")
@@ -64,6 +64,20 @@ def parser() -> argparse.ArgumentParser:
     inspect = data.add_parser("inspect", help="classes, counts, groups, sizes, modes, unreadable files")
     inspect.add_argument("path", type=Path)
     inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--unlabelled", action="store_true", help="an unlabelled pool (labels: false): images at any depth")
+    inspect.add_argument("--stain-reference", type=Path, metavar="IMAGE",
+                         help="also show this reference image's Macenko stain matrix and Reinhard statistics")
+    tile = data.add_parser("tile", help="tissue patches from whole-slide images, one folder per slide, and a manifest")
+    tile.add_argument("slides", type=Path, metavar="SLIDE_OR_FOLDER")
+    tile.add_argument("--out", type=Path, required=True)
+    tile.add_argument("--patch-size", type=int, default=224, help="patch side in pixels (default 224)")
+    resolution = tile.add_mutually_exclusive_group()
+    resolution.add_argument("--mpp", type=float, help="microns per pixel of the patches (default 0.5, about 20x)")
+    resolution.add_argument("--magnification", type=float, help="objective magnification of the patches, e.g. 20")
+    tile.add_argument("--slide-mpp", type=float, help="microns per pixel of level 0, for slides whose metadata lacks it")
+    tile.add_argument("--tissue-fraction", type=float, default=0.5, help="keep patches with at least this tissue fraction (default 0.5)")
+    tile.add_argument("--labels", type=Path, metavar="CSV", help="CSV slide,label: patches go to DIR/<slide>/<label>/")
+    tile.add_argument("--workers", type=int, default=0, help="slides tiled in parallel, one process each (default: CPU cores)")
 
     weights = sub.add_parser("weights", help="ImageNet weights").add_subparsers(dest="weights_command", required=True, metavar="SUBCOMMAND")
     wpath = weights.add_parser("path", help="where the ImageNet weights of a backbone are expected")
@@ -138,8 +152,15 @@ def cmd_data(args) -> None:
     if args.data_command == "inspect":
         from histossl.data.inspect import format_inspect, inspect_path
 
-        report = inspect_path(args.path)
+        report = inspect_path(args.path, labels=not args.unlabelled, stain_reference=args.stain_reference)
         print(json.dumps(report, indent=2) if args.json else format_inspect(report))
+        return
+    if args.data_command == "tile":
+        from histossl.data.tile import TileSettings, tile_slides
+
+        settings = TileSettings.from_args(args.patch_size, args.mpp, args.magnification, args.slide_mpp, args.tissue_fraction)
+        manifest = tile_slides(args.slides, args.out, settings, labels_csv=args.labels, workers=args.workers)
+        print(f"manifest: {manifest}")
         return
     import dataclasses
 

@@ -34,12 +34,32 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
+class StainNormalizationConfig:
+    """Stain normalisation applied when images are decoded into the cache (see ``data/stain.py``)."""
+
+    method: Literal["macenko", "reinhard"] = "macenko"
+    reference: str = ""  # the reference image whose stains every image is mapped to
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """One data set: an image folder (``ROOT/<class>/…`` or ``ROOT/<group>/<class>/…``) or a CSV manifest."""
 
     path: str = ""
     synthetic: bool = False  # generate it with ``synth`` settings into <out>/data/<name> instead of reading ``path``
     skip_unreadable: bool = False  # False: refuse to start and name unreadable files; True: skip and count them
+    labels: bool = True  # False: unlabelled images at any depth (pretraining only, never the target)
+    stain_normalization: StainNormalizationConfig | None = None
+
+
+# Keys added to DatasetConfig after studies were published: left out of a pretraining stage's key
+# while at their default, so stage folders made before them keep their names and resolve.
+_LATER_DATASET_KEYS = {"labels": True, "stain_normalization": None}
+
+
+def dataset_identity(ds: DatasetConfig) -> dict:
+    """The settings of a data set that shape what is trained on, for hashing into a stage's key."""
+    return {k: v for k, v in to_dict(ds).items() if not (k in _LATER_DATASET_KEYS and v == _LATER_DATASET_KEYS[k])}
 
 
 @dataclass(frozen=True)
@@ -394,6 +414,17 @@ def encoder_chain(config: Config, entry: EncoderConfig) -> list[str]:
     return list(entry.chain) or [config.target]
 
 
+def _validate_dataset(config: Config, name: str, ds: DatasetConfig) -> None:
+    key = f"datasets.{name}"
+    if not ds.labels and name == config.target:
+        raise ConfigError(f"target: data set {name!r} has labels: false; the downstream target needs class labels "
+                          "(an unlabelled data set can only be a pretraining chain stage)")
+    if not ds.labels and ds.synthetic:
+        raise ConfigError(f"{key}.labels: the synthetic data set is labelled; give a path for an unlabelled one")
+    if ds.stain_normalization is not None and not ds.stain_normalization.reference:
+        raise ConfigError(f"{key}.stain_normalization.reference: give the reference image")
+
+
 def validate(config: Config) -> None:
     """Range checks the types cannot express. Each error names the dotted key."""
 
@@ -405,6 +436,7 @@ def validate(config: Config) -> None:
     need(config.target in config.datasets, "target", f"{config.target!r} is not a key of datasets ({', '.join(config.datasets)})")
     for name, ds in config.datasets.items():
         need(ds.synthetic or bool(ds.path), f"datasets.{name}.path", "give a path, or synthetic: true")
+        _validate_dataset(config, name, ds)
     s = config.split
     need(0 < s.val_fraction < 1, "split.val_fraction", f"must be in (0, 1): model selection needs a validation split, got {s.val_fraction}")
     need(0 < s.test_fraction < 1, "split.test_fraction", f"must be in (0, 1), got {s.test_fraction}")

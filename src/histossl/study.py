@@ -139,8 +139,14 @@ def dataset_path(cfg: Config, name: str, out: Path) -> Path:
 def load_dataset(cfg: Config, name: str, out: Path) -> Dataset:
     """Index and decode one data set (once: the decoded cache is reused across runs and studies)."""
     ds = cfg.datasets[name]
-    index = load_index(dataset_path(cfg, name, out))
-    decoded = decode_cached(index, cfg.image_size, cfg.cache_dir, ds.skip_unreadable, progress=cfg.trainer.progress)
+    index = load_index(dataset_path(cfg, name, out), labels=ds.labels)
+    decoded = decode_cached(
+        index, cfg.image_size, cfg.cache_dir, ds.skip_unreadable, progress=cfg.trainer.progress,
+        stain_normalization=ds.stain_normalization,
+    )
+    if ds.stain_normalization is not None:
+        log.info("data set %s: %s stain normalisation to %s; %d images kept unnormalised (background or a single colour)",
+                 name, ds.stain_normalization.method, ds.stain_normalization.reference, decoded.stain_fallbacks)
     if decoded.skipped:
         log.warning("data set %s: skipped %d unreadable images (listed in %s)", name, len(decoded.skipped), f"skipped_{name}.txt")
         atomic_write_text(out / f"skipped_{name}.txt", "".join(f"{p}\t{why}\n" for p, why in decoded.skipped))
@@ -217,7 +223,7 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
             if stage.dataset not in loaded:
                 loaded[stage.dataset] = load_dataset(cfg, stage.dataset, out)
             ds = loaded[stage.dataset]
-            rows = np.arange(len(ds.decoded.keep))
+            rows = np.arange(len(ds.decoded.keep))  # a data set other than the target: every image (labelled or not)
             if stage.dataset == cfg.target:  # pretext training never sees the val or test patients
                 if cfg.target not in splits:
                     splits[cfg.target] = load_or_make_split(out / "split.csv", ds.index, cfg.split)[ds.decoded.keep]

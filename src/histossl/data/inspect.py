@@ -19,26 +19,35 @@ from histossl.data.sources import scan
 N_EXAMPLES = 5
 
 
-def inspect_path(path: str | Path) -> dict:
+def inspect_path(path: str | Path, labels: bool = True, stain_reference: str | Path | None = None) -> dict:
     """Describe a data set: layout, classes, groups, image sizes and modes, unreadable files.
 
     Args:
         path: An image folder or a CSV manifest.
+        labels: False: an unlabelled pool (``labels: false``), images at any depth.
+        stain_reference: Also fit Macenko and Reinhard to this image and report its stain matrix.
 
     Returns:
         A JSON-ready dict. Paths in it are relative to ``root``.
 
     Raises:
-        DataError: The path is missing, holds no images, or a manifest row is bad.
+        DataError: The path is missing, holds no images, or a manifest row is bad; the stain
+            reference is all background.
     """
-    index, problems = scan(path)
+    stain_report = None
+    if stain_reference is not None:  # first: a bad reference is reported before the long scan
+        from histossl.data.stain import describe
+
+        stain_report = describe(stain_reference)
+    index, problems = scan(path, labels)
     source = Path(os.path.abspath(Path(path).expanduser()))
     headers = _read_headers(index.paths)
     rel = [p.relative_to(index.root).as_posix() for p in index.paths]
     readable = [(r, h) for r, h in zip(rel, headers) if "error" not in h]
     return {
         "root": str(index.root),
-        "layout": _layout(source, index.has_groups),
+        "layout": _layout(source, index.has_groups, index.labelled),
+        "labelled": index.labelled,
         "n_images": len(index),
         "classes": {c: int((index.labels == i).sum()) for i, c in enumerate(index.classes)},
         **_group_report(index),
@@ -47,10 +56,14 @@ def inspect_path(path: str | Path) -> dict:
         "unreadable": [{"path": r, "reason": h["error"]} for r, h in zip(rel, headers) if "error" in h],
         "problems": problems,
         "manifest_splits": None if index.splits is None else dict(Counter(index.splits.tolist())),
+        "stain_reference": stain_report,
     }
 
 
-def _layout(source: Path, has_groups: bool) -> str:
+def _layout(source: Path, has_groups: bool, labelled: bool = True) -> str:
+    if not labelled:
+        kind = "csv manifest (path" + (",group" if has_groups else "") + ")" if source.is_file() else "images at any depth"
+        return f"unlabelled, {kind}" + (", first-level folder as group" if has_groups and not source.is_file() else "")
     if source.is_file():
         return "csv manifest (path,label" + (",group" if has_groups else "") + ")"
     return "ROOT/<group>/<class>/<image>" if has_groups else "ROOT/<class>/<image>"
@@ -77,7 +90,8 @@ def _group_report(index) -> dict:
     groups: dict[str, dict[str, int]] = {}
     for group, label in zip(index.groups.tolist(), index.labels.tolist()):
         per_class = groups.setdefault(group, {})
-        per_class[index.classes[label]] = per_class.get(index.classes[label], 0) + 1
+        name = index.classes[label] if label >= 0 else "unlabelled"
+        per_class[name] = per_class.get(name, 0) + 1
     sizes = np.array([sum(v.values()) for v in groups.values()])
     return {
         "n_groups": len(groups),
@@ -109,7 +123,10 @@ def _size_report(readable: list[tuple[str, dict]]) -> dict:
 def format_inspect(report: dict) -> str:
     """One screen of text from :func:`inspect_path`'s report."""
     lines = [f"{report['root']}  ({report['layout']})", f"images: {report['n_images']}"]
-    lines.append("classes: " + ", ".join(f"{c}: {n}" for c, n in report["classes"].items()))
+    if report.get("labelled", True):
+        lines.append("classes: " + ", ".join(f"{c}: {n}" for c, n in report["classes"].items()))
+    else:
+        lines.append("classes: none (unlabelled: pretraining only)")
     if report["n_groups"] is None:
         lines.append("groups: none (each image is its own group)")
     else:
@@ -117,7 +134,8 @@ def format_inspect(report: dict) -> str:
         per_group = f"min {g['min']}, median {g['median']:g}, max {g['max']}"
         lines.append(f"groups: {report['n_groups']} (images per group: {per_group})")
         single = sum(1 for per_class in report["groups"].values() if len(per_class) == 1)
-        lines.append(f"  groups holding a single class: {single}")
+        if report.get("labelled", True):
+            lines.append(f"  groups holding a single class: {single}")
     if report.get("manifest_splits"):
         lines.append("manifest splits: " + ", ".join(f"{s}: {n}" for s, n in report["manifest_splits"].items()))
     sizes = report["sizes"]
@@ -135,4 +153,11 @@ def format_inspect(report: dict) -> str:
     if len(unreadable) > 10:
         lines.append(f"  ... and {len(unreadable) - 10} more")
     lines.extend(f"problem: {p}" for p in report["problems"])
+    ref = report.get("stain_reference")
+    if ref:
+        m = ref["macenko_stain_matrix"]
+        lines.append(f"stain reference {ref['path']}:")
+        lines.append(f"  Macenko stain matrix (OD, R G B): haematoxylin {m['haematoxylin_od']}, eosin {m['eosin_od']}")
+        lines.append(f"  Macenko 99th-percentile concentrations (H, E): {ref['macenko_max_concentrations']}")
+        lines.append(f"  Reinhard l-alpha-beta mean {ref['reinhard_lab_mean']}, std {ref['reinhard_lab_std']}")
     return "\n".join(lines)

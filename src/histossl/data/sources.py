@@ -6,7 +6,12 @@ Three layouts are understood (see the README):
 * ``ROOT/<group>/<class>/<image>``: the group (patient, slide) is kept whole within one split.
   Detected when the subfolders of ROOT hold folders rather than images.
 * a CSV manifest with a header ``path,label[,group][,split]``: paths relative to the manifest's
-  folder (or absolute inside it); a ``split`` column fixes the split.
+  folder (or absolute inside it); a ``split`` column fixes the split. A ``slide`` column (as
+  ``histossl data tile`` writes) serves as the group when there is no ``group`` column.
+
+Unlabelled data sets (``labels: false``, pretraining only) are a folder of images at any depth
+(the first-level folder, e.g. the slide, is the group when images sit below one) or a manifest
+whose label column, if any, is ignored.
 
 Folders are scanned to a fixed depth, so symlinked folders are followed once but a symlink loop
 cannot make the scan recurse forever. Hidden files and files without an image suffix are ignored.
@@ -39,7 +44,7 @@ class ImageIndex:
     Attributes:
         root: The image folder, or the manifest's folder.
         paths: Absolute paths, sorted by their string.
-        labels: ``(N,)`` int64 index into ``classes``.
+        labels: ``(N,)`` int64 index into ``classes``; -1 everywhere when unlabelled.
         classes: Sorted class names.
         groups: ``(N,)`` str group (patient, slide); without groups each image is its own group.
         has_groups: Whether the data set named groups.
@@ -53,6 +58,7 @@ class ImageIndex:
     groups: np.ndarray
     has_groups: bool
     splits: np.ndarray | None = None
+    labelled: bool = True  # False: ``labels`` is all -1 and ``classes`` empty (pretraining only)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,19 +68,22 @@ class ImageIndex:
 # Indexing
 
 
-def load_index(path: str | Path) -> ImageIndex:
+def load_index(path: str | Path, labels: bool = True) -> ImageIndex:
     """Index an image folder or CSV manifest, refusing data sets that cannot be trained on.
 
     Args:
         path: An image folder (``ROOT/<class>/…`` or ``ROOT/<group>/<class>/…``) or a ``.csv`` manifest.
+        labels: False: an unlabelled pool (images at any depth, no class folders).
 
     Returns:
-        The index, with at least two classes and no empty class folder.
+        The index, with at least two classes and no empty class folder (when labelled).
 
     Raises:
         DataError: Missing path, no images, an empty class folder, a single class, a bad manifest row.
     """
-    index, problems = scan(path)
+    index, problems = scan(path, labels)
+    if not labels:
+        return index
     if problems:
         raise DataError(problems[0])
     if len(index.classes) < 2:
@@ -83,7 +92,7 @@ def load_index(path: str | Path) -> ImageIndex:
     return index
 
 
-def scan(path: str | Path) -> tuple[ImageIndex, list[str]]:
+def scan(path: str | Path, labels: bool = True) -> tuple[ImageIndex, list[str]]:
     """Index a data set without refusing it for problems a report can still describe.
 
     ``histossl data inspect`` uses this to show an empty class folder or a single class;
@@ -101,8 +110,8 @@ def scan(path: str | Path) -> tuple[ImageIndex, list[str]]:
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DataError(f"{path}: expected an image folder or a .csv manifest")
-        return _index_manifest(path), []
-    return _index_folder(path)
+        return _index_manifest(path, labels), []
+    return _index_folder(path) if labels else (_index_unlabelled_folder(path), [])
 
 
 def _visible_entries(folder: Path) -> list[os.DirEntry]:
@@ -143,7 +152,8 @@ def _index_folder(root: Path) -> tuple[ImageIndex, list[str]]:
     top = _subfolders(root)
     if not top:
         where = "has images but no class folders" if _images_in(root) else "has no class folders"
-        raise DataError(f"{root}: {where}; expected ROOT/<class>/<image> or ROOT/<group>/<class>/<image>")
+        raise DataError(f"{root}: {where}; expected ROOT/<class>/<image> or ROOT/<group>/<class>/<image> "
+                        "(unlabelled images: set datasets.<name>.labels: false)")
     # Grouped when no top-level folder holds images itself but some hold folders.
     grouped = not any(_images_in(d) for d in top) and any(_subfolders(d) for d in top)
     records: list[tuple[Path, str, str]] = []  # (path, class, group)
@@ -165,33 +175,60 @@ def _index_folder(root: Path) -> tuple[ImageIndex, list[str]]:
     return _make_index(root, records, has_groups=grouped, splits=None), problems
 
 
-def _make_index(root: Path, records: list[tuple[Path, str, str]], has_groups: bool, splits: list[str] | None) -> ImageIndex:
+# Deep enough for ROOT/<site>/<slide>/<region>/<image>; a fixed depth keeps a symlink loop finite.
+MAX_UNLABELLED_DEPTH = 8
+
+
+def _index_unlabelled_folder(root: Path) -> ImageIndex:
+    """Every image below ``root`` (any depth); the first-level folder is its group (e.g. the slide)."""
+    records: list[tuple[Path, str, str]] = []
+    pending = [(root, 0)]
+    while pending:
+        folder, depth = pending.pop()
+        for image in _images_in(folder):
+            rel = image.relative_to(root)
+            records.append((image, "", rel.parts[0] if len(rel.parts) > 1 else rel.as_posix()))
+        if depth < MAX_UNLABELLED_DEPTH:
+            pending.extend((d, depth + 1) for d in _subfolders(folder))
+    if not records:
+        raise DataError(f"{root}: no images found at any depth (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+    has_groups = any(len(p.relative_to(root).parts) > 1 for p, _, _ in records)
+    return _make_index(root, records, has_groups=has_groups, splits=None, labelled=False)
+
+
+def _make_index(
+    root: Path, records: list[tuple[Path, str, str]], has_groups: bool, splits: list[str] | None, labelled: bool = True
+) -> ImageIndex:
     order = sorted(range(len(records)), key=lambda i: str(records[i][0]))
-    classes = sorted({c for _, c, _ in records})
+    classes = sorted({c for _, c, _ in records}) if labelled else []
     class_id = {c: i for i, c in enumerate(classes)}
     return ImageIndex(
         root=root,
         paths=[records[i][0] for i in order],
-        labels=np.array([class_id[records[i][1]] for i in order], dtype=np.int64),
+        labels=np.array([class_id.get(records[i][1], -1) for i in order], dtype=np.int64),
         classes=classes,
         groups=np.array([records[i][2] for i in order], dtype=str),
         has_groups=has_groups,
         splits=None if splits is None else np.array([splits[i] for i in order], dtype=str),
+        labelled=labelled,
     )
 
 
-def _index_manifest(manifest: Path) -> ImageIndex:
+def _index_manifest(manifest: Path, labelled: bool = True) -> ImageIndex:
     root = manifest.parent
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in reader.fieldnames or []]
-            for needed in ("path", "label"):
+            for needed in ("path", "label") if labelled else ("path",):
                 if needed not in columns:
                     got = ",".join(columns) or "nothing"
-                    raise DataError(f"{manifest}: header must name columns path,label[,group][,split]; got {got}")
+                    header = "path,label[,group][,split]" if labelled else "path[,group][,split] (labels: false)"
+                    hint = " (unlabelled images: set datasets.<name>.labels: false)" if labelled and "path" in columns else ""
+                    raise DataError(f"{manifest}: header must name columns {header}; got {got}{hint}")
             reader.fieldnames = columns
-            has_groups, has_splits = "group" in columns, "split" in columns
+            group_column = "group" if "group" in columns else "slide" if "slide" in columns else None
+            has_groups, has_splits = group_column is not None, "split" in columns
             records, splits, seen = [], [], set()
             for row in reader:
                 where = f"{manifest} row {reader.line_num}"
@@ -199,10 +236,10 @@ def _index_manifest(manifest: Path) -> ImageIndex:
                 if path in seen:
                     raise DataError(f"{where}: {path} is listed twice")
                 seen.add(path)
-                label = (row.get("label") or "").strip()
-                if not label:
+                label = (row.get("label") or "").strip() if labelled else ""
+                if labelled and not label:
                     raise DataError(f"{where}: empty label")
-                group = (row.get("group") or "").strip() if has_groups else path.relative_to(root).as_posix()
+                group = (row.get(group_column) or "").strip() if has_groups else path.relative_to(root).as_posix()
                 if not group:
                     raise DataError(f"{where}: empty group")
                 if has_splits:
@@ -215,7 +252,7 @@ def _index_manifest(manifest: Path) -> ImageIndex:
         raise DataError(f"{manifest}: cannot read the manifest ({err})") from None
     if not records:
         raise DataError(f"{manifest}: the manifest lists no images")
-    return _make_index(root, records, has_groups=has_groups, splits=splits if has_splits else None)
+    return _make_index(root, records, has_groups=has_groups, splits=splits if has_splits else None, labelled=labelled)
 
 
 def _manifest_path(root: Path, text: str, where: str) -> Path:

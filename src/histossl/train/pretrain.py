@@ -19,7 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict
+from histossl.config import Config, EncoderConfig, OptimConfig, dataset_identity, encoder_chain, to_dict
 from histossl.errors import ConfigError
 from histossl.io import atomic_write_json
 from histossl.methods import METHODS
@@ -83,7 +83,7 @@ def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> l
             "previous": previous,
             "method": entry.method,
             "dataset": dataset,
-            "data": to_dict(ds) | ({"synth": to_dict(cfg.synth)} if ds.synthetic else {}),
+            "data": dataset_identity(ds) | ({"synth": to_dict(cfg.synth)} if ds.synthetic else {}),
             "split": to_dict(cfg.split) if dataset == cfg.target else None,
             "epochs": entry.epochs or cfg.pretrain.epochs,
             "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items() if k != "seeds"} | {"epochs": None},
