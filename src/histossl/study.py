@@ -178,7 +178,7 @@ def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.Tar
             raise DataError(f"the {name} split of data set {cfg.target!r} is empty; check split.* or the manifest's split column")
     paths = [str(p.relative_to(target.index.root)) if p.is_relative_to(target.index.root) else str(p) for p in target.index.paths]
     classes = target.index.classes
-    key = hashlib.sha256(f"{cache_key(target.index, cfg.image_size)}\n{cfg.image_size}\n{len(keep)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{cache_key(target.index, cfg.image_size, cfg.datasets[cfg.target].stain_normalization)}\n{cfg.image_size}\n{len(keep)}".encode()).hexdigest()[:16]
     data = downstream.TargetData(target.decoded.images, labels, classes, rows["train"], rows["val"], rows["test"], key,
                                  paths=[paths[i] for i in keep], groups=target.index.groups[keep])
     # Seed s draws subset s: every method and protocol sees the same labelled images for the same seed.

@@ -239,6 +239,6 @@ class _Progress:
             print(f"{self.label}: {self.total}/{self.total} in {elapsed:.0f} s", file=sys.stderr, flush=True)
 
 
-def cache_key(index: ImageIndex, image_size: int) -> str:
+def cache_key(index: ImageIndex, image_size: int, stain_normalization=None) -> str:
     """The key of the decoded images of ``index`` at ``image_size`` (their folder name in the cache)."""
-    return _cache_key(index, image_size)
+    return _cache_key(index, image_size, stain_normalization)
