@@ -164,8 +164,13 @@ class DownstreamConfig:
     lr_schedules: list[Literal["cosine", "constant"]] = field(default_factory=lambda: ["cosine", "constant"])
     seeds: list[int] = field(default_factory=lambda: [0])
     baselines: list[str] = field(default_factory=lambda: ["random"])  # supervised from these inits
-    epochs: int = 10
-    steps: int | None = None  # fine-tuning: optimizer steps per run, whatever the fraction (sets the epochs); None: ``epochs``
+    epochs: int = 100  # fine-tuning: the most epochs a run may take (early stopping ends it sooner)
+    # Validations without improvement of ``select_metric`` before a run stops (Lightning's EarlyStopping),
+    # for fine-tuning with an epoch budget and for heads on frozen features: each run trains until its
+    # validation stops improving, so a 100% run is not starved and a 5% run is not over-fitted.
+    # None: every run takes its whole budget (``epochs``, ``frozen_epochs`` or ``steps``).
+    patience: int | None = 10
+    steps: int | None = None  # fine-tuning: a fixed budget of optimizer steps per run, whatever the fraction (no early stopping); None: ``epochs``
     validations: int = 0  # fine-tuning: validate about this many times per run, evenly spaced; 0: every epoch
     frozen_epochs: int = 100  # a head on cached features: cheap
     batch_size: int = 64
@@ -475,6 +480,7 @@ def validate(config: Config) -> None:
     need(len(set(d.fractions)) == len(d.fractions), "downstream.fractions", "fractions repeat")
     need(d.epochs >= 1, "downstream.epochs", f"must be at least 1, got {d.epochs}")
     need(d.steps is None or d.steps >= 1, "downstream.steps", f"must be at least 1, got {d.steps}")
+    need(d.patience is None or d.patience >= 1, "downstream.patience", f"must be at least 1 (or null: no early stopping), got {d.patience}")
     need(d.validations >= 0, "downstream.validations", f"must be 0 or more, got {d.validations}")
     need(d.frozen_epochs >= 1, "downstream.frozen_epochs", f"must be at least 1, got {d.frozen_epochs}")
     need(d.batch_size >= 1, "downstream.batch_size", f"must be at least 1, got {d.batch_size}")

@@ -52,6 +52,8 @@ class RunRecord:
     epochs: int | None = None
     steps: int | None = None
     best_epoch: int | None = None
+    epochs_run: int | None = None  # epochs trained (``epochs`` is the most it could take)
+    stopped: str | None = None  # "early" (validation stopped improving), "max" (hit the maximum), "budget" (fixed budget)
     threshold: float | None = None
     test_loss: float | None = None
     test_acc: float | None = None

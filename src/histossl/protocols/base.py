@@ -43,7 +43,8 @@ class Fitted:
     Attributes:
         logits: Rows of the target -> ``(len(rows), classes)`` scores whose softmax is the class
             probability (logits or log-probabilities).
-        lr, epochs, steps, best_epoch: For protocols that train with an optimizer; else None.
+        lr, epochs, steps, best_epoch, epochs_run, stopped: For protocols that train with an
+            optimizer (``epochs`` is the maximum, ``epochs_run`` what was trained); else None.
         chosen: Hyperparameters picked on validation (``{"C": 0.1}``, ``{"k": 20}``); None if none.
     """
 
@@ -52,6 +53,8 @@ class Fitted:
     epochs: int | None = None
     steps: int | None = None
     best_epoch: int | None = None
+    epochs_run: int | None = None
+    stopped: str | None = None  # "early", "max" or "budget" (see ``train.downstream.Trained``)
     chosen: dict[str, Any] | None = None
 
 

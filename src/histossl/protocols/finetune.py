@@ -1,7 +1,8 @@
 """``finetune``: encoder and head trained together on the labelled subset, with light augmentation.
 
-The encoder learns at ``encoder_lr_scale`` times the head's lr; the checkpoint of the best
-validation epoch (``select_metric``) is kept. The supervised baseline is this protocol from
+The encoder learns at ``encoder_lr_scale`` times the head's lr; the run stops when validation
+(``select_metric``) has not improved for ``patience`` validations, or after ``epochs`` (with ``steps``:
+a fixed budget, no early stopping), and the checkpoint of the best validation epoch is kept. The supervised baseline is this protocol from
 ``random`` (or ``imagenet``) weights.
 """
 
@@ -39,9 +40,10 @@ class Finetune(Protocol):
                               cfg=cfg.trainer, seed=spec.seed)
         val_loader = loader(ArrayBatches(data.images, data.val, data.labels), 256, False, False, cfg.trainer, spec.seed)
         epochs, val_every, batches = finetune_epochs(d, len(train_loader))
-        steps, best_epoch = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, val_every, batches)
+        trained = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, val_every, batches,
+                                 early_stopping=d.steps is None)
 
         def logits(rows: np.ndarray) -> np.ndarray:
             return predict(module, data.images, rows)
 
-        return Fitted(logits, lr=lr, epochs=epochs, steps=steps, best_epoch=best_epoch)
+        return Fitted(logits, lr=lr, epochs=epochs, **trained.fields())

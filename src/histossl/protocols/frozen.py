@@ -1,7 +1,8 @@
 """``frozen``: an MLP (or linear, ``downstream.head``) head trained on the frozen encoder's stored features.
 
-The head trains for ``frozen_epochs`` with the run's lr schedule on one CPU process; the epoch with
-the best validation ``select_metric`` is kept.
+The head trains with the run's lr schedule on one CPU process until validation (``select_metric``)
+has not improved for ``patience`` epochs, or for at most ``frozen_epochs``; the epoch with the best
+validation metric is kept.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ class Frozen(Protocol):
         train_loader = DataLoader(train_set, batch_size=batch, sampler=EpochShuffle(train_set, spec.seed), drop_last=drop_last)
         val_loader = DataLoader(val_set, batch_size=1024)
         epochs = d.frozen_epochs
-        steps, best_epoch = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, 1, None)
+        trained = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, 1, None, early_stopping=True)
 
         @torch.no_grad()
         def logits(rows: np.ndarray) -> np.ndarray:
             return module.head(torch.from_numpy(features[rows])).numpy()
 
-        return Fitted(logits, lr=lr, epochs=epochs, steps=steps, best_epoch=best_epoch)
+        return Fitted(logits, lr=lr, epochs=epochs, **trained.fields())

@@ -7,6 +7,8 @@
    copied result (the seed report's other mistake) or of a run that did not use its settings.
 4. A label budget that leaves a class with fewer than 2 labelled images (5% of a 30-image class
    rounds to 1; a class is never left with none, the subsets keep one): its cells rest on one example.
+5. A run that hit its maximum of epochs with early stopping on: its validation metric was still
+   improving within the last ``patience`` validations, so the run may be starved (raise the maximum).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ MIN_LABELS_PER_CLASS = 2
 class Flag:
     """A warning for the reader. ``runs`` are downstream run folders; ``stage`` a pretraining stage."""
 
-    kind: str  # "collapsed" | "pretext_chance" | "identical" | "few_labels"
+    kind: str  # "collapsed" | "pretext_chance" | "identical" | "few_labels" | "hit_maximum"
     message: str
     runs: tuple[str, ...] = ()
     stage: str | None = None
@@ -156,6 +158,22 @@ def few_labels(records: list[dict[str, Any]]) -> list[Flag]:
     return flags
 
 
+def hit_maximum(records: list[dict[str, Any]]) -> list[Flag]:
+    """Runs that ended at their maximum of epochs while early stopping was on (``stopped: max``).
+
+    Early stopping had not fired, so the selected metric improved within the last ``patience``
+    validations: the run was still learning when its budget ran out.
+    """
+    runs = sorted(str(r.get("run") or "?") for r in records if r.get("stopped") == "max")
+    if not runs:
+        return []
+    shown = ", ".join(f"`{r}`" for r in runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+    return [Flag("hit_maximum", f"{len(runs)} run(s) reached their maximum of epochs while validation was still "
+                 f"improving ({shown}): they may be starved; raise `downstream.epochs` (fine-tuning) or "
+                 "`downstream.frozen_epochs` (heads on frozen features).", tuple(runs))]
+
+
 def find_flags(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
-    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, identical results, too few labels."""
-    return collapsed_runs(records) + pretext_at_chance(stages) + identical_results(records) + few_labels(records)
+    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, identical results, too few labels, starved runs."""
+    return (collapsed_runs(records) + pretext_at_chance(stages) + identical_results(records) + few_labels(records)
+            + hit_maximum(records))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import EarlyStopping
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -190,27 +191,48 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class Trained:
+    """How a Lightning-trained run ended: steps and epochs taken, the epoch kept, and why it stopped.
+
+    ``stopped`` is ``early`` (validation stopped improving for ``patience`` validations), ``max``
+    (it reached its maximum of epochs while early stopping was on: maybe still improving, which the
+    report flags when the kept epoch is among the last ones) or ``budget`` (a fixed budget by choice).
+    """
+
+    steps: int
+    best_epoch: int
+    epochs_run: int
+    stopped: str
+
+    def fields(self) -> dict:
+        return {"steps": self.steps, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "stopped": self.stopped}
+
+
 def fit_and_select(
     cfg: Config, module: DownstreamModule, train_loader, val_loader, run_dir: Path,
-    epochs: int, val_every: int, batches: int | None,
-) -> tuple[int, int]:
+    epochs: int, val_every: int, batches: int | None, early_stopping: bool = True,
+) -> Trained:
     """Train ``module`` (resuming from its last checkpoint) and load the weights of the best validation epoch.
 
     Shared by the protocols that train a head with Lightning (``finetune``, ``frozen``). The selection
-    metric is ``downstream.select_metric``; the checkpoints are removed afterwards.
-
-    Returns:
-        (optimizer steps taken, best epoch).
+    metric is ``downstream.select_metric``; with ``early_stopping`` and ``downstream.patience`` set,
+    Lightning's ``EarlyStopping`` ends the run when that metric has not improved for ``patience``
+    validations (its state is in the resumable checkpoint). The checkpoints are removed afterwards.
     """
     d = cfg.downstream
     trains_encoder = module.encoder is not None
     ckpt_dir = run_dir / "checkpoints"
     select_mode = "min" if d.select_metric == "val_loss" else "max"
     *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=trains_encoder, every=val_every)
+    stopper = None
+    if early_stopping and d.patience is not None:
+        stopper = EarlyStopping(monitor=d.select_metric, mode=select_mode, patience=d.patience, check_finite=False)
     trainer = make_trainer(
         cfg.trainer if trains_encoder else frozen_trainer(cfg),
         epochs,
-        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=trains_encoder), *last, best_checkpoint],
+        [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=trains_encoder), *last, best_checkpoint,
+         *([stopper] if stopper else [])],
         run_dir,
         validate=True,
         val_every=val_every,
@@ -223,7 +245,8 @@ def fit_and_select(
     module.load_state_dict(best["state_dict"])
     module.eval()
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return int(trainer.global_step), int(best["epoch"])
+    stopped = "budget" if stopper is None else ("early" if stopper.stopped_epoch > 0 else "max")
+    return Trained(int(trainer.global_step), int(best["epoch"]), int(trainer.current_epoch), stopped)
 
 
 def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_dir: Path, features: np.ndarray | None = None) -> RunRecord:
@@ -270,6 +293,8 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         epochs=fitted.epochs,
         steps=fitted.steps,
         best_epoch=fitted.best_epoch,
+        epochs_run=fitted.epochs_run,
+        stopped=fitted.stopped,
         threshold=threshold,
         test_loss=metrics["loss"] if protocol.has_loss else None,
         test_acc=metrics["acc"],
