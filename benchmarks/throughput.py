@@ -126,19 +126,24 @@ class Bench:
             self.module = DownstreamModule(encoder, head, cfg, d.lr, "cosine", None)
             self.views = d.views
         else:
-            self.method = METHODS.get(args.method)(encoder.num_features, cfg.pretrain, cfg.image_size)
-            self.module = PretrainModule(encoder, self.method, cfg.pretrain.optim)
+            from histossl.config import EncoderConfig
+            from histossl.methods import method_settings
+
+            settings = method_settings(cfg, EncoderConfig(method=args.method))
+            self.method = METHODS.get(args.method)(encoder, settings, cfg.pretrain, cfg.image_size)
+            self.module = PretrainModule(self.method, cfg.pretrain.optim)
             self.views = cfg.pretrain.views
         self.module.to(device)
 
     def optimizer(self) -> torch.optim.Optimizer:
-        from histossl.train.common import make_optimizer
+        from histossl.train.common import make_optimizer, parameter_groups
 
         if self.supervised:
             d = self.cfg.downstream
             return make_optimizer(d.optimizer, self.module.parameters(), d.lr, d.weight_decay)
         o = self.cfg.pretrain.optim
-        return make_optimizer(o.optimizer, self.module.parameters(), o.lr, o.weight_decay, o.momentum)
+        groups = parameter_groups(self.method.trained_parameters(), o.weight_decay)
+        return make_optimizer(o.optimizer, groups, o.lr, o.weight_decay, o.momentum)
 
     def model_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Encoder + head + loss on normalised views ``x``; what each method does after its views.
@@ -157,7 +162,7 @@ class Bench:
         """histossl's own step on a uint8 batch: views on the device, then model and loss."""
         if self.supervised:
             return F.cross_entropy(self.module(images, train=True), labels)
-        return self.method.step(self.encoder, images).loss
+        return self.method.step(images).loss
 
     def capture_views(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised views histossl's step feeds the encoder for ``images`` (and their labels)."""

@@ -54,8 +54,9 @@ SCRIPT = textwrap.dedent(
         torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's)
         images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
         encoder = build_encoder(cfg.backbone, "random")
-        method = METHODS.get("simclr")(encoder.num_features, cfg.pretrain, cfg.image_size)
-        module = PretrainModule(encoder, method, cfg.pretrain.optim)
+        settings = METHODS.config("simclr")()
+        method = METHODS.get("simclr")(encoder, settings, cfg.pretrain, cfg.image_size)
+        module = PretrainModule(method, cfg.pretrain.optim)
         trainer = make_trainer(cfg.trainer, 1, [], OUT, validate=False)
         trainer.fit(module, loader(LoggedBatches(images, np.arange(16)), 4, True, True, cfg.trainer, seed=0))
         rank = trainer.global_rank

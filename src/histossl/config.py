@@ -51,12 +51,18 @@ class SplitConfig:
     seed: int = 0
 
 
+# Metadata of a field added after stages were committed: a pretraining stage's folder hash includes
+# it only when it differs from its default, so existing stage folders keep their names.
+HASHED_WHEN_SET = {"hashed_when_set": True}
+
+
 @dataclass(frozen=True)
 class ViewConfig:
     """Random views drawn independently per image (and per view) on the training device."""
 
     crop: bool = True
-    crop_scale_min: float = 0.4  # random resized crop: area fraction in [crop_scale_min, 1]
+    crop_scale_min: float = 0.4  # random resized crop: area fraction in [crop_scale_min, crop_scale_max]
+    crop_scale_max: float = field(default=1.0, metadata=HASHED_WHEN_SET)  # below 1: DINO's local crops
     crop_ratio_max: float = 4 / 3  # aspect ratio in [1/crop_ratio_max, crop_ratio_max]
     hflip: bool = True
     vflip: bool = True
@@ -72,6 +78,7 @@ class ViewConfig:
     hed_jitter_prob: float = 0.5
     hed_jitter_sigma: float = 0.05  # multiplicative noise on H and E optical densities (Tellez et al. 2018)
     hed_jitter_bias: float = 0.05  # additive noise on H and E optical densities
+    solarize_prob: float = field(default=0.0, metadata=HASHED_WHEN_SET)  # BYOL/DINO: invert pixels >= 0.5
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,10 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Method hyperparameters; each method reads the fields it needs."""
+    """Settings of the first three methods (rotnet, rotnet_jitter, simclr), kept for existing configs.
+
+    Every other method's settings live in ``pretrain.methods.<method>`` (see ``PretrainConfig``).
+    """
 
     temperature: float = 0.2  # SimCLR NT-Xent temperature
     projection_dim: int = 128  # SimCLR projection head output
@@ -113,6 +123,9 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    # Settings of any registered method by its name, e.g. ``{dino: {teacher_temp: 0.05}}``; each key is
+    # checked against that method's settings dataclass (``histossl.methods``), defaults come from it.
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,9 @@ class EncoderConfig:
     init: str = "random"  # random | imagenet | path to a .pth/.pt/.safetensors state dict
     chain: list[str] = field(default_factory=list)  # empty: the target data set alone
     epochs: int | None = None  # per stage; None: pretrain.epochs
+    # This encoder's method settings, over ``pretrain.methods.<method>`` (e.g. two DINO encoders that
+    # differ in ``teacher_temp``); a key its method does not have is an error.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,8 @@ def _type_name(tp: Any) -> str:
 def _build(tp: Any, value: Any, key: str) -> Any:
     """Check ``value`` against type ``tp`` and build it (dataclasses from mappings)."""
     origin = typing.get_origin(tp)
+    if tp is Any:  # open mappings (method settings): checked against the method's dataclass later
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key or 'config'}: expected {_type_name(tp)}, got {value!r}")
@@ -345,6 +363,9 @@ def from_dict(data: dict) -> Config:
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
     config = _build(Config, _merge_defaults(data, Config()), "")
     validate(config)
+    from histossl.methods import check_method_settings  # methods import this module
+
+    check_method_settings(config)
     return config
 
 
