@@ -200,3 +200,31 @@ def test_bad_method_settings_name_the_key(overrides, expected):
         config.load(None, overrides)
     for part in expected:
         assert part in str(err.value), str(err.value)
+
+
+def test_pretrain_command_runs_new_methods_and_writes_their_columns(tmp_path):
+    """``histossl pretrain`` from a config: DINO (teacher exported, collapse columns) and MoCo v2 (queue)."""
+    from histossl.cli import main
+    from histossl.train.common import read_csv
+
+    empty = tmp_path / "c.yaml"
+    empty.write_text("name: methods\n")
+    sets = [
+        "image_size=16", "synth.n_groups=4", "synth.per_class_per_group=6", "synth.image_size=16",
+        "synth.classes=[tumour, stroma, adipose]", "pretrain.epochs=1", "pretrain.batch_size=8", "trainer.progress=false",
+        "encoders.d.method=dino", "encoders.m.method=moco_v2",
+        "pretrain.methods.dino.output_dim=64", "pretrain.methods.dino.local_crops=2", "pretrain.methods.moco_v2.queue_size=16",
+    ]
+    assert main(["pretrain", str(empty), "--out", str(tmp_path / "out"), *sum((["--set", s] for s in sets), [])]) == 0
+    folders = {p.name.split("_target_")[0]: p for p in (tmp_path / "out" / "pretrain").iterdir()}
+    assert set(folders) == {"dino", "moco_v2"}
+    dino_rows = read_csv(folders["dino"] / "metrics.csv")
+    assert list(dino_rows[0]) == ["epoch", "pretext_loss", "embedding_std", "effective_rank", "lr"]
+    assert float(dino_rows[0]["embedding_std"]) > 0
+    assert list(read_csv(folders["moco_v2"] / "metrics.csv")[0]) == ["epoch", "pretext_loss", "pretext_acc", "lr"]
+    import json
+
+    assert json.loads((folders["dino"] / "stage.json").read_text())["pretext_chance"] is None
+    key = json.loads((folders["dino"] / "stage_key.json").read_text())
+    assert key["pretrain"]["method"]["output_dim"] == 64 and "temperature" not in key["pretrain"]["method"]
+    assert (folders["dino"] / "encoder.safetensors").is_file()
