@@ -52,20 +52,20 @@ class RotNet(Method):
         )
 
     def view_specs(self) -> list[ViewSpec]:
-        """One base view per image (unnormalised); the four rotations are made from it in ``views``."""
+        """One base view per image (unnormalised); ``draw_views`` makes the four rotations from it."""
         return [ViewSpec(self.image_size, rotation_view_config(self.pretrain.views, keep_colour=False))]
 
-    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, H, W, 3) -> normalised rotated copies (4B, 3, S, S) and rotation labels (4B,)."""
+    def draw_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 (B, H, W, 3) -> ``[x]``: the normalised rotated copies (4B, 3, S, S), rotation-major."""
         (spec,) = self.view_specs()
-        x = augment.random_view(images, spec.augment, spec.size)
-        x, labels = rotations(x)
+        x, _ = rotations(augment.random_view(images, spec.augment, spec.size))
         if self.jitter_each_copy:
             x = colour_jitter(x, self.pretrain.views)
-        return augment.normalize(x), labels
+        return [augment.normalize(x)]
 
     def step(self, images: torch.Tensor) -> StepOutput:
-        x, labels = self.views(images)
+        (x,) = self.draw_views(images)
+        labels = torch.arange(4, device=x.device).repeat_interleave(len(x) // 4)  # rotation-major, as ``rotations``
         logits = self.head(self.encoder(x))
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.detach().argmax(1) == labels).float().mean()
