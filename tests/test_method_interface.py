@@ -228,3 +228,15 @@ def test_pretrain_command_runs_new_methods_and_writes_their_columns(tmp_path):
     key = json.loads((folders["dino"] / "stage_key.json").read_text())
     assert key["pretrain"]["method"]["output_dim"] == 64 and "temperature" not in key["pretrain"]["method"]
     assert (folders["dino"] / "encoder.safetensors").is_file()
+
+
+def test_checkpoint_from_before_the_interface_is_refused():
+    from histossl.errors import HistosslError
+
+    method, cfg = build("simclr")
+    module = PretrainModule(method, cfg.pretrain.optim)
+    with pytest.raises(HistosslError, match="older histossl"):
+        module.on_load_checkpoint({"state_dict": {}, "rng_state": {"torch": torch.get_rng_state()}})
+    saved: dict = {}
+    module.on_save_checkpoint(saved)
+    module.on_load_checkpoint(saved)  # its own format loads

@@ -42,7 +42,12 @@ class MoCoV2(Method):
         self.projection = MoCoProjectionHead(encoder.num_features, settings.projection_hidden_dim, settings.projection_dim)
         self.key_encoder = momentum_copy(encoder)
         self.key_projection = momentum_copy(self.projection)
-        self.loss = NTXentLoss(temperature=settings.temperature, memory_bank_size=(settings.queue_size, settings.projection_dim))
+        # Under DDP every process queues the keys of all processes (gathered), as in the paper.
+        self.loss = NTXentLoss(
+            temperature=settings.temperature,
+            memory_bank_size=(settings.queue_size, settings.projection_dim),
+            gather_distributed=torch.distributed.is_available(),
+        )
         # lightly registers the queue as non-persistent buffers: a resumed run would start from a fresh
         # random queue (lightly-train PR #301). Persistent here, so the checkpoint holds it.
         bank = self.loss.memory_bank
