@@ -240,3 +240,35 @@ def test_checkpoint_from_before_the_interface_is_refused():
     saved: dict = {}
     module.on_save_checkpoint(saved)
     module.on_load_checkpoint(saved)  # its own format loads
+
+
+@pytest.mark.parametrize("override, key", [("pretrain.views.crop_scale_max=0.2", "crop_scale_max"), ("pretrain.views.solarize_prob=2", "solarize_prob")])
+def test_new_view_fields_are_range_checked(override, key):
+    with pytest.raises(ConfigError, match=f"pretrain.views.{key}"):
+        config.load(None, [override])
+
+
+def test_solarize_inverts_bright_pixels_in_either_space():
+    from histossl import augment
+
+    x = torch.tensor([0.2, 0.5, 0.9]).view(1, 1, 1, 3).expand(2, 3, 1, 3).contiguous()
+    out = augment.solarize(x, 1.0)
+    assert torch.allclose(out[0, 0, 0], torch.tensor([0.2, 0.5, 0.1]))
+    normalized = augment.solarize(augment.normalize(x.clone()), 1.0, normalized=True)
+    assert torch.allclose(normalized, augment.normalize(out.clone()), atol=1e-6)
+    assert torch.equal(augment.solarize(x, 0.0), x)
+
+
+def test_solarize_in_the_fused_cpu_path_matches_the_float_path():
+    from histossl import augment
+
+    cfg = dataclasses.replace(config.ViewConfig(), solarize_prob=0.5, color_jitter_prob=0.0, hed_jitter_prob=0.0,
+                              grayscale_prob=0.0, blur_prob=0.0, crop=False, hflip=False, vflip=False, rot90=False)
+    images = fixed_batch()
+    fused = augment.random_view(images, cfg, SIZE, torch.Generator().manual_seed(0), normalized=True)
+    # Half the images solarized (p = 0.5 of 8): some pixels changed, every changed one mirrored around 0.5.
+    plain = augment.normalize(augment.to_float(images))
+    changed = ~torch.isclose(fused, plain, atol=1e-5)
+    assert 0 < changed.flatten(1).any(1).sum() < BATCH
+    mirrored = augment.normalize(1 - augment.to_float(images))
+    assert torch.allclose(fused[changed], mirrored[changed], atol=1e-5)

@@ -427,6 +427,9 @@ def validate(config: Config) -> None:
          "give as many pretraining seeds as downstream seeds (or a divisor of that number)")
     need(config.pretrain.optim.lr > 0, "pretrain.optim.lr", "must be positive")
     need(0 < config.pretrain.views.crop_scale_min <= 1, "pretrain.views.crop_scale_min", "must be in (0, 1]")
+    views = config.pretrain.views
+    need(views.crop_scale_min <= views.crop_scale_max <= 1, "pretrain.views.crop_scale_max", f"must be in [crop_scale_min, 1], got {views.crop_scale_max}")
+    need(0 <= views.solarize_prob <= 1, "pretrain.views.solarize_prob", f"must be in [0, 1], got {views.solarize_prob}")
     need(config.pretrain.method.temperature > 0, "pretrain.method.temperature", "must be positive")
     for name, enc in config.encoders.items():
         key = f"encoders.{name}"
