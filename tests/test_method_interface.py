@@ -272,3 +272,21 @@ def test_solarize_in_the_fused_cpu_path_matches_the_float_path():
     assert 0 < changed.flatten(1).any(1).sum() < BATCH
     mirrored = augment.normalize(1 - augment.to_float(images))
     assert torch.allclose(fused[changed], mirrored[changed], atol=1e-5)
+
+
+def test_a_diverging_pretraining_stops_with_one_line(tmp_path, capsys):
+    from histossl.cli import main
+
+    empty = tmp_path / "c.yaml"
+    empty.write_text("name: diverge\n")
+    sets = [
+        "image_size=16", "synth.n_groups=4", "synth.per_class_per_group=4", "synth.image_size=16",
+        "synth.classes=[tumour, stroma]", "pretrain.epochs=2", "pretrain.batch_size=8", "trainer.progress=false",
+        "encoders.v.method=vicreg", "pretrain.optim.lr=1e12", "encoders.v.settings.hidden_dim=32", "encoders.v.settings.projection_dim=32",
+    ]
+    code = main(["pretrain", str(empty), "--out", str(tmp_path / "out"), *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("histossl: error:")]
+    assert "pretraining diverged" in line and "pretrain.optim.lr" in line
+    assert not list((tmp_path / "out" / "pretrain").glob("*/encoder.safetensors"))

@@ -67,9 +67,15 @@ def collapse_metrics(z: torch.Tensor) -> dict[str, torch.Tensor]:
     normalised singular values: 1 when collapsed to a line, at most ``min(batch, dim)``.
     """
     z = z.detach().float()
+    finite = torch.isfinite(z).all()  # a diverged step gives NaN metrics (the loss check stops the run), not an SVD error
+    z = torch.where(finite, z, torch.zeros_like(z))
     singular = torch.linalg.svdvals(z)
     p = singular / singular.sum().clamp(min=1e-12) + 1e-12
-    return {"embedding_std": std_of_l2_normalized(z), "effective_rank": torch.exp(-(p * p.log()).sum())}
+    nan = torch.tensor(float("nan"), device=z.device)
+    return {
+        "embedding_std": torch.where(finite, std_of_l2_normalized(z), nan),
+        "effective_rank": torch.where(finite, torch.exp(-(p * p.log()).sum()), nan),
+    }
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

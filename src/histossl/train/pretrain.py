@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,11 @@ class PretrainModule(RngStateInCheckpoint, pl.LightningModule):
         self._sums.zero_()
         count = max(float(sums[-1]), 1.0)
         means = {name: float(sums[i]) / count for i, name in enumerate(self.metric_names)}
+        if not math.isfinite(means["pretext_loss"]):  # checked here, where the sums are read anyway (no extra sync)
+            raise HistosslError(
+                f"pretraining diverged: the pretext loss became {means['pretext_loss']} in epoch {self.current_epoch + 1}; "
+                "lower pretrain.optim.lr (or try pretrain.optim.optimizer=lars); the last good epoch's checkpoint is kept"
+            )
         return {"epoch": self.current_epoch, **means, "lr": self.optimizers().param_groups[0]["lr"]}
 
     def configure_optimizers(self):
