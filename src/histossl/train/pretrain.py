@@ -51,7 +51,12 @@ def metric_columns(method: Method) -> list[str]:
 
 
 def hashed(config) -> object:
-    """``to_dict`` for a stage key, leaving out fields added later (``HASHED_WHEN_SET``) at their default."""
+    """``to_dict`` for a stage key, leaving out fields added later (``HASHED_WHEN_SET``) at their default.
+
+    A field added to a config that a stage key holds (data set, split, views, optimizer, backbone)
+    must carry ``metadata=HASHED_WHEN_SET``, or every existing stage folder gets a new name
+    (``tests/test_stage_names.py`` fails).
+    """
     if dataclasses.is_dataclass(config):
         return {
             f.name: hashed(getattr(config, f.name))
@@ -98,7 +103,7 @@ def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> l
     p = cfg.pretrain
     # Shared settings and the chosen method's settings only (pretrain.methods of other methods, and
     # view fields added later at their default, stay out: committed stage folders keep their names).
-    shared = {"epochs": None, "batch_size": p.batch_size, "optim": to_dict(p.optim), "views": hashed(p.views)}
+    shared = {"epochs": None, "batch_size": p.batch_size, "optim": hashed(p.optim), "views": hashed(p.views)}
     pretrain_key = shared | {"method": settings_key(cfg, entry)}
     settings = method_settings(cfg, entry)
     stages: list[Stage] = []
@@ -111,11 +116,11 @@ def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> l
             "previous": previous,
             "method": entry.method,
             "dataset": dataset,
-            "data": to_dict(ds) | ({"synth": to_dict(cfg.synth)} if ds.synthetic else {}),
-            "split": to_dict(cfg.split) if dataset == cfg.target else None,
+            "data": hashed(ds) | ({"synth": hashed(cfg.synth)} if ds.synthetic else {}),
+            "split": hashed(cfg.split) if dataset == cfg.target else None,
             "epochs": entry.epochs or cfg.pretrain.epochs,
             "pretrain": pretrain_key,
-            "backbone": to_dict(cfg.backbone),
+            "backbone": hashed(cfg.backbone),
             "image_size": cfg.image_size,
             "seed": seed,
         }
