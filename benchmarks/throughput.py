@@ -48,13 +48,20 @@ from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "idc-breast"
-METHOD_CHOICES = ("simclr", "rotnet", "rotnet_jitter", "supervised")
+
+
+def method_choices() -> list[str]:
+    """Every registered pretext method, and the supervised baseline."""
+    from histossl.methods import METHODS
+
+    return [*METHODS.names(), "supervised"]
+
 KEYS = ("model_only_img_s", "end_to_end_img_s", "reference_img_s", "data_path_img_s", "reference_data_path_img_s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", choices=METHOD_CHOICES, default="simclr")
+    p.add_argument("--method", choices=method_choices(), default="simclr")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--stem", choices=("standard", "small"), default="standard")
     p.add_argument("--image-size", type=int, default=64)
@@ -126,49 +133,54 @@ class Bench:
             self.module = DownstreamModule(encoder, head, cfg, d.lr, "cosine", None)
             self.views = d.views
         else:
-            self.method = METHODS.get(args.method)(encoder.num_features, cfg.pretrain, cfg.image_size)
-            self.module = PretrainModule(encoder, self.method, cfg.pretrain.optim)
+            from histossl.config import EncoderConfig
+            from histossl.methods import method_settings
+
+            settings = method_settings(cfg, EncoderConfig(method=args.method))
+            self.method = METHODS.get(args.method)(encoder, settings, cfg.pretrain, cfg.image_size)
+            self.module = PretrainModule(self.method, cfg.pretrain.optim)
             self.views = cfg.pretrain.views
         self.module.to(device)
 
     def optimizer(self) -> torch.optim.Optimizer:
-        from histossl.train.common import make_optimizer
+        from histossl.train.common import make_optimizer, parameter_groups
 
         if self.supervised:
             d = self.cfg.downstream
             return make_optimizer(d.optimizer, self.module.parameters(), d.lr, d.weight_decay)
         o = self.cfg.pretrain.optim
-        return make_optimizer(o.optimizer, self.module.parameters(), o.lr, o.weight_decay, o.momentum)
+        groups = parameter_groups(self.method.trained_parameters(), o.weight_decay)
+        return make_optimizer(o.optimizer, groups, o.lr, o.weight_decay, o.momentum)
 
-    def model_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Encoder + head + loss on normalised views ``x``; what each method does after its views.
+    def model_loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Encoder + head + loss on ready-made normalised ``views``: what the step does after its views.
 
-        ``x``: SimCLR ``(2B, 3, S, S)`` (first views then second views), RotNet ``(4B, 3, S, S)``
-        (rotation-major, ``labels`` the rotations), supervised ``(B, 3, S, S)`` (``labels`` the classes).
+        ``views``: the method's ``draw_views`` output (supervised: one view, ``labels`` the classes). A
+        method's own ``step`` runs with ``draw_views`` answering ``views``, so nothing here knows a method.
         """
         if self.supervised:
-            return F.cross_entropy(self.module.head(self.encoder(x)), labels)
-        if self.args.method == "simclr":
-            z0, z1 = self.method.projection(self.encoder(x)).chunk(2)
-            return self.method.loss(z0, z1)
-        return F.cross_entropy(self.method.head(self.encoder(x)), labels)
+            return F.cross_entropy(self.module.head(self.encoder(views[0])), labels)
+        self.method.draw_views = lambda images: views  # an instance attribute shadows the method
+        try:
+            return self.method.step(None).loss
+        finally:
+            del self.method.draw_views
 
     def real_step_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """histossl's own step on a uint8 batch: views on the device, then model and loss."""
         if self.supervised:
             return F.cross_entropy(self.module(images, train=True), labels)
-        return self.method.step(self.encoder, images).loss
+        return self.method.step(images).loss
 
-    def capture_views(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised views histossl's step feeds the encoder for ``images`` (and their labels)."""
-        seen: list[torch.Tensor] = []
-        with torch.no_grad(), StubEncoder(self, record=seen):
-            self.real_step_loss(images, labels)
-        x = seen[0]
-        if self.supervised:
-            return x, labels
-        rotation_labels = torch.arange(4, device=x.device).repeat_interleave(images.shape[0])
-        return x, rotation_labels
+    def capture_views(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The normalised views histossl's step feeds the model for ``images`` (and the labels)."""
+        with torch.no_grad():
+            if self.supervised:
+                seen: list[torch.Tensor] = []
+                with StubEncoder(self, record=seen):
+                    self.real_step_loss(images, labels)
+                return [seen[0]], labels
+            return list(self.method.draw_views(images)), labels
 
 
 class StubEncoder:
@@ -224,7 +236,7 @@ def measure_model_only(bench: Bench, images: np.ndarray, labels: np.ndarray) -> 
     batch = torch.from_numpy(np.ascontiguousarray(images[: args.batch_size])).to(device)
     y = torch.from_numpy(labels[: args.batch_size]).to(device)
     x, target = bench.capture_views(batch, y)
-    x, target = x.detach().clone(), target.clone()
+    x, target = [v.detach().clone() for v in x], target.clone()
     optimizer = bench.optimizer()
     bench.module.train()
     autocast = _autocast(bench)
@@ -341,7 +353,7 @@ def pil_view(views, size: int):
 
     ops: list = []
     if views.crop:
-        ops.append(T.RandomResizedCrop(size, scale=(views.crop_scale_min, 1.0), ratio=(1 / views.crop_ratio_max, views.crop_ratio_max)))
+        ops.append(T.RandomResizedCrop(size, scale=(views.crop_scale_min, views.crop_scale_max), ratio=(1 / views.crop_ratio_max, views.crop_ratio_max)))
     else:
         ops.append(T.Resize(size))
         ops.append(T.CenterCrop(size))
@@ -361,30 +373,31 @@ def pil_view(views, size: int):
     if views.blur_prob > 0 and views.blur_sigma_max > 0:
         kernel = 2 * math.ceil(3 * views.blur_sigma_max) + 1
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, views.blur_sigma_max))], p=views.blur_prob))
+    if views.solarize_prob > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=views.solarize_prob))
     ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(ops)
 
 
 class ReferenceViews:
-    """Per-image transform returning what the method's model sees: 2 views, 4 rotations or 1 view."""
+    """Per-image transform returning what the method's model sees: one tensor per view spec of the
+    method (``view_specs``), or for a rotation task its base view's 4 rotated copies ``(4, 3, S, S)``."""
 
     def __init__(self, bench: Bench) -> None:
-        from histossl.methods.rotnet import rotation_view_config
+        from histossl.methods.rotnet import RotNet
 
-        self.method = bench.args.method
-        size = bench.cfg.image_size
-        if self.method in ("rotnet", "rotnet_jitter"):
-            self.base = pil_view(rotation_view_config(bench.views, keep_colour=False), size)
+        if bench.supervised:
+            specs = [(bench.views, bench.cfg.image_size)]
         else:
-            self.base = pil_view(bench.views, size)
+            specs = [(spec.augment, spec.size) for spec in bench.method.view_specs()]
+        self.transforms = [pil_view(views, size) for views, size in specs]
+        self.rotations = not bench.supervised and isinstance(bench.method, RotNet)
 
-    def __call__(self, img) -> torch.Tensor:
-        if self.method == "simclr":
-            return torch.stack([self.base(img), self.base(img)])  # (2, 3, S, S)
-        if self.method in ("rotnet", "rotnet_jitter"):
-            x = self.base(img)
-            return torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])  # (4, 3, S, S)
-        return self.base(img).unsqueeze(0)  # (1, 3, S, S)
+    def __call__(self, img) -> tuple[torch.Tensor, ...]:
+        views = tuple(t(img) for t in self.transforms)
+        if self.rotations:
+            return (torch.stack([torch.rot90(views[0], k, dims=(-2, -1)) for k in range(4)]),)
+        return views
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -419,14 +432,13 @@ def reference_loader(bench: Bench, index, batches: int):
     )
 
 
-def reference_batch(bench: Bench, views: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loader output ``(B, V, 3, S, S)`` -> the view-major ``(V * B, 3, S, S)`` the model takes, and labels."""
+def reference_batch(bench: Bench, views: list[torch.Tensor], y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Loader output (per view ``(B, 3, S, S)``, or ``(B, 4, 3, S, S)`` rotated copies) -> the views the
+    model takes (rotated copies rotation-major ``(4B, 3, S, S)``) and the labels."""
     device = bench.device
-    views = views.to(device, non_blocking=True)
-    x = views.transpose(0, 1).reshape(-1, *views.shape[2:])
-    if bench.supervised:
-        return x, y.to(device, non_blocking=True)
-    return x, torch.arange(4, device=device).repeat_interleave(views.shape[0])
+    views = [v.to(device, non_blocking=True) for v in views]
+    views = [v.transpose(0, 1).reshape(-1, *v.shape[2:]) if v.dim() == 5 else v for v in views]
+    return views, y.to(device, non_blocking=True)
 
 
 def measure_reference(bench: Bench, index, with_model: bool) -> float:

@@ -167,6 +167,8 @@ def test_odd_but_valid_images_are_accepted(tmp_path, run, capsys):
         ("split.test_fraction=1.2", ["split.test_fraction", "1.2"]),
         ("pretrain.optim.optimizer=adam", ["pretrain.optim.optimizer", "'adam'", "'sgd'"]),
         ("pretrain.epoch=3", ["unknown key 'pretrain.epoch'", "epochs"]),
+        ("pretrain.methods.dinoo.teacher_temp=0.1", ["pretrain.methods.dinoo", "unknown method 'dinoo'", "dino, moco_v2"]),
+        ("encoders.rotnet.settings.teacher_temp=0.1", ["encoders.rotnet.settings.teacher_temp", "not a setting of method 'rotnet'"]),
     ],
 )
 def test_bad_config_names_the_key(run, override, expected):
@@ -182,6 +184,20 @@ def test_unknown_backbone_lists_the_registered_ones(run):
     assert code == 2
     line = one_line(err)
     assert "resnet9000" in line and "resnet18" in line and "resnet50" in line
+
+
+def test_dino_local_crops_larger_than_global_ones(run):
+    code, err = run(None, "encoders.rotnet.method=dino", "pretrain.methods.dino.local_crop_size=32")
+    assert code == 2
+    line = one_line(err)
+    assert "pretrain.methods.dino.local_crop_size" in line and "larger than the global crops" in line
+
+
+def test_moco_queue_larger_than_the_data_names_the_key_and_counts(run):
+    code, err = run(None, "encoders.rotnet.method=moco_v2", command="pretrain")
+    assert code == 2
+    line = one_line(err)
+    assert "pretrain.methods.moco_v2.queue_size=512" in line and "images of data set 'target'" in line
 
 
 def test_batch_larger_than_the_data_names_the_key_and_counts(run):

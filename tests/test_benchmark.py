@@ -50,7 +50,7 @@ def test_benchmark_command_line_prints_json_last(tiny_folder, tmp_path):
     assert result["method"] == "simclr" and "end_to_end / model_only" in result["ratios"]
 
 
-@pytest.mark.parametrize("method", ["rotnet", "supervised"])
+@pytest.mark.parametrize("method", ["rotnet", "supervised", "dino", "moco_v2"])
 def test_benchmark_other_methods(tiny_folder, tmp_path, method):
     spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
     throughput = importlib.util.module_from_spec(spec)

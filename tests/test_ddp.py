@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ SCRIPT = textwrap.dedent(
     from histossl.train.pretrain import PretrainModule
 
     OUT = Path(sys.argv[1])
+    METHOD = sys.argv[2]
 
 
     class LoggedBatches(ArrayBatches):
@@ -54,13 +56,16 @@ SCRIPT = textwrap.dedent(
         torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts rank 0's)
         images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
         encoder = build_encoder(cfg.backbone, "random")
-        method = METHODS.get("simclr")(encoder.num_features, cfg.pretrain, cfg.image_size)
-        module = PretrainModule(encoder, method, cfg.pretrain.optim)
+        settings = METHODS.config(METHOD)()
+        method = METHODS.get(METHOD)(encoder, settings, cfg.pretrain, cfg.image_size)
+        module = PretrainModule(method, cfg.pretrain.optim)
         trainer = make_trainer(cfg.trainer, 1, [], OUT, validate=False)
         trainer.fit(module, loader(LoggedBatches(images, np.arange(16)), 4, True, True, cfg.trainer, seed=0))
         rank = trainer.global_rank
         (OUT / f"rows_{rank}.json").write_text(json.dumps({"rows": LoggedBatches.seen, "steps": trainer.global_step}))
-        torch.save({k: v.detach().clone() for k, v in module.named_parameters()}, OUT / f"params_{rank}.pt")
+        # Parameters (teachers included) and MoCo's queue, which every rank fills with all ranks' keys.
+        state = dict(module.named_parameters()) | {k: v for k, v in module.named_buffers() if "memory_bank" in k}
+        torch.save({k: v.detach().clone() for k, v in state.items()}, OUT / f"params_{rank}.pt")
 
         # Validation under DDP: 7 items over 2 processes (the sampler pads one); the gathered labels
         # must be the validation labels, in order, each once.
@@ -87,12 +92,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_process_ddp_pretraining_splits_data_and_syncs_weights(tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "byol", "moco_v2"])  # in-batch negatives, an EMA teacher, a queue
+def test_two_process_ddp_pretraining_splits_data_and_syncs_weights(tmp_path, method):
     script = tmp_path / "ddp_pretrain.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170
+        [sys.executable, str(script), str(tmp_path), method], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads((tmp_path / f"rows_{rank}.json").read_text()) for rank in (0, 1)]
@@ -107,6 +113,8 @@ def test_two_process_ddp_pretraining_splits_data_and_syncs_weights(tmp_path):
     assert len(params[0]) > 0
     for name in params[0]:
         assert torch.equal(params[0][name], params[1][name]), name
+    if method == "moco_v2":
+        assert any("memory_bank.bank" in name for name in params[0])
     for rank in (0, 1):
         val = json.loads((tmp_path / f"val_{rank}.json").read_text())
         assert val["labels"] == val["expected"]

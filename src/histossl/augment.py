@@ -352,6 +352,31 @@ def random_grayscale(x: Tensor, p: float, generator: torch.Generator | None = No
     return torch.where(apply, grey.expand_as(x), x)
 
 
+def solarize(x: Tensor, p: float, generator: torch.Generator | None = None, normalized: bool = False) -> Tensor:
+    """Invert the pixels at or above half intensity (``v -> 1 - v`` for ``v >= 0.5``) with probability ``p``.
+
+    BYOL (Grill et al. 2020, arXiv 2006.07733) and DINO solarize one of their views; torchvision's
+    ``RandomSolarize(threshold=0.5)`` on a float image. With ``normalized`` the batch is already
+    ImageNet-normalised and the threshold and the inversion are carried through the normalisation
+    (a per-channel affine map), so the result equals solarizing before ``normalize``.
+
+    Args:
+        x: float ``(B, 3, H, W)``, in ``[0, 1]`` or normalised.
+        p: probability per sample.
+        generator: source of randomness on ``x``'s device.
+        normalized: whether ``x`` is ImageNet-normalised.
+    """
+    if p <= 0:
+        return x
+    apply = _bernoulli(x.shape[0], p, x, generator).view(-1, 1, 1, 1)
+    if normalized:  # v = (u - mean) / std: u >= 0.5 <=> v >= (0.5 - mean) / std; 1 - u <=> (1 - 2 mean) / std - v
+        inv_std, shift = _constant("imagenet_inv_std", x).view(1, 3, 1, 1), _constant("imagenet_shift", x).view(1, 3, 1, 1)
+        threshold, mirror = 0.5 * inv_std + shift, inv_std + 2 * shift
+    else:
+        threshold, mirror = 0.5, 1.0
+    return torch.where(apply & (x >= threshold), mirror - x, x)
+
+
 def _colour_and_grey(
     x: Tensor,
     brightness: float,
@@ -584,7 +609,7 @@ def random_view(
     """One random view per image, every parameter drawn independently per sample.
 
     Order: random resized crop with flips and quarter turns, then HED stain jitter, colour jitter,
-    grayscale and blur. The stain jitter comes before the colour jitter because colour deconvolution
+    grayscale, blur and solarize. The stain jitter comes before the colour jitter because colour deconvolution
     assumes the real stain colours of the slide, which a hue shift would no longer have. With
     ``cfg.crop`` off the image is resized to ``size`` (only if needed) and flipped/rotated exactly.
 
@@ -674,7 +699,7 @@ def _view(
         return _view_uint8(x, cfg, size, generator, normalized, out)
     source = x
     if cfg.crop:
-        boxes = _crop_boxes(x, (cfg.crop_scale_min, 1.0), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max), generator)
+        boxes = _crop_boxes(x, (cfg.crop_scale_min, cfg.crop_scale_max), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max), generator)
         x = _sample_boxes(x, boxes, size, _dihedral(x, cfg.hflip, cfg.vflip, cfg.rot90, generator))
     else:
         if x.shape[-2:] != (size, size):
@@ -695,6 +720,7 @@ def _view(
         generator,
     )
     x = gaussian_blur(x, cfg.blur_sigma_max, cfg.blur_prob, generator, inplace=own)
+    x = solarize(x, cfg.solarize_prob, generator)
     if normalized:
         return normalize(x, out=out)
     return x if out is None else out.copy_(x)
@@ -757,6 +783,8 @@ def _view_uint8(
         chosen = apply.nonzero().squeeze(1)
         if len(chosen):
             buf.index_copy_(0, chosen, _separable_blur(buf[chosen], kernel[chosen], radius))
+    if cfg.solarize_prob > 0:
+        buf.copy_(solarize(buf, cfg.solarize_prob, generator, normalized))
     return buf
 
 
@@ -773,7 +801,7 @@ def _crop_uint8(x: Tensor, cfg: ViewConfig, size: int, generator: torch.Generato
     b, height, width, _ = x.shape
     shape = torch.empty((), dtype=torch.float32).expand(b, 3, height, width)  # shape and dtype for the draws
     if cfg.crop:
-        boxes = _crop_boxes(shape, (cfg.crop_scale_min, 1.0), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max), generator)
+        boxes = _crop_boxes(shape, (cfg.crop_scale_min, cfg.crop_scale_max), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max), generator)
         w = boxes[:, 2].round().clamp(1, width)
         h = boxes[:, 3].round().clamp(1, height)
         # _crop_boxes' corner is u * (side - box) for u ~ U(0, 1): whole pixels, uniform over side - box + 1 places

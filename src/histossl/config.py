@@ -41,6 +41,11 @@ class StainNormalizationConfig:
     reference: str = ""  # the reference image whose stains every image is mapped to
 
 
+# Metadata of a field added after stages were committed: a pretraining stage's folder hash includes
+# it only when it differs from its default, so existing stage folders keep their names.
+HASHED_WHEN_SET = {"hashed_when_set": True}
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """One data set: an image folder (``ROOT/<class>/…`` or ``ROOT/<group>/<class>/…``) or a CSV manifest."""
@@ -48,18 +53,9 @@ class DatasetConfig:
     path: str = ""
     synthetic: bool = False  # generate it with ``synth`` settings into <out>/data/<name> instead of reading ``path``
     skip_unreadable: bool = False  # False: refuse to start and name unreadable files; True: skip and count them
-    labels: bool = True  # False: unlabelled images at any depth (pretraining only, never the target)
-    stain_normalization: StainNormalizationConfig | None = None
-
-
-# Keys added to DatasetConfig after studies were published: left out of a pretraining stage's key
-# while at their default, so stage folders made before them keep their names and resolve.
-_LATER_DATASET_KEYS = {"labels": True, "stain_normalization": None}
-
-
-def dataset_identity(ds: DatasetConfig) -> dict:
-    """The settings of a data set that shape what is trained on, for hashing into a stage's key."""
-    return {k: v for k, v in to_dict(ds).items() if not (k in _LATER_DATASET_KEYS and v == _LATER_DATASET_KEYS[k])}
+    # False: unlabelled images at any depth (pretraining only, never the target)
+    labels: bool = field(default=True, metadata=HASHED_WHEN_SET)
+    stain_normalization: StainNormalizationConfig | None = field(default=None, metadata=HASHED_WHEN_SET)
 
 
 @dataclass(frozen=True)
@@ -71,12 +67,15 @@ class SplitConfig:
     seed: int = 0
 
 
+
+
 @dataclass(frozen=True)
 class ViewConfig:
     """Random views drawn independently per image (and per view) on the training device."""
 
     crop: bool = True
-    crop_scale_min: float = 0.4  # random resized crop: area fraction in [crop_scale_min, 1]
+    crop_scale_min: float = 0.4  # random resized crop: area fraction in [crop_scale_min, crop_scale_max]
+    crop_scale_max: float = field(default=1.0, metadata=HASHED_WHEN_SET)  # below 1: DINO's local crops
     crop_ratio_max: float = 4 / 3  # aspect ratio in [1/crop_ratio_max, crop_ratio_max]
     hflip: bool = True
     vflip: bool = True
@@ -92,6 +91,7 @@ class ViewConfig:
     hed_jitter_prob: float = 0.5
     hed_jitter_sigma: float = 0.05  # multiplicative noise on H and E optical densities (Tellez et al. 2018)
     hed_jitter_bias: float = 0.05  # additive noise on H and E optical densities
+    solarize_prob: float = field(default=0.0, metadata=HASHED_WHEN_SET)  # BYOL/DINO: invert pixels >= 0.5
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,10 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Method hyperparameters; each method reads the fields it needs."""
+    """Settings of the first three methods (rotnet, rotnet_jitter, simclr), kept for existing configs.
+
+    Every other method's settings live in ``pretrain.methods.<method>`` (see ``PretrainConfig``).
+    """
 
     temperature: float = 0.2  # SimCLR NT-Xent temperature
     projection_dim: int = 128  # SimCLR projection head output
@@ -133,6 +136,9 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    # Settings of any registered method by its name, e.g. ``{dino: {teacher_temp: 0.05}}``; each key is
+    # checked against that method's settings dataclass (``histossl.methods``), defaults come from it.
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,9 @@ class EncoderConfig:
     init: str = "random"  # random | imagenet | path to a .pth/.pt/.safetensors state dict
     chain: list[str] = field(default_factory=list)  # empty: the target data set alone
     epochs: int | None = None  # per stage; None: pretrain.epochs
+    # This encoder's method settings, over ``pretrain.methods.<method>`` (e.g. two DINO encoders that
+    # differ in ``teacher_temp``); a key its method does not have is an error.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -249,6 +258,8 @@ def _type_name(tp: Any) -> str:
 def _build(tp: Any, value: Any, key: str) -> Any:
     """Check ``value`` against type ``tp`` and build it (dataclasses from mappings)."""
     origin = typing.get_origin(tp)
+    if tp is Any:  # open mappings (method settings): checked against the method's dataclass later
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key or 'config'}: expected {_type_name(tp)}, got {value!r}")
@@ -377,6 +388,9 @@ def from_dict(data: dict) -> Config:
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
     config = _build(Config, _merge_defaults(data, Config()), "")
     validate(config)
+    from histossl.methods import check_method_settings  # methods import this module
+
+    check_method_settings(config)
     return config
 
 
@@ -455,6 +469,9 @@ def validate(config: Config) -> None:
          "give as many pretraining seeds as downstream seeds (or a divisor of that number)")
     need(config.pretrain.optim.lr > 0, "pretrain.optim.lr", "must be positive")
     need(0 < config.pretrain.views.crop_scale_min <= 1, "pretrain.views.crop_scale_min", "must be in (0, 1]")
+    views = config.pretrain.views
+    need(views.crop_scale_min <= views.crop_scale_max <= 1, "pretrain.views.crop_scale_max", f"must be in [crop_scale_min, 1], got {views.crop_scale_max}")
+    need(0 <= views.solarize_prob <= 1, "pretrain.views.solarize_prob", f"must be in [0, 1], got {views.solarize_prob}")
     need(config.pretrain.method.temperature > 0, "pretrain.method.temperature", "must be positive")
     for name, enc in config.encoders.items():
         key = f"encoders.{name}"

@@ -6,6 +6,7 @@ found that better than one random rotation per image) and a 4-way head predicts 
 """
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,7 +14,13 @@ from torch.nn import functional as F
 
 from histossl import augment
 from histossl.config import PretrainConfig, ViewConfig
-from histossl.methods import METHODS, PretextOutput
+from histossl.methods import METHODS
+from histossl.methods.base import Method, StepOutput, ViewSpec
+
+
+@dataclass(frozen=True)
+class RotNetConfig:
+    rotation_head_hidden_dim: int = 0  # 0: a linear head on the features
 
 
 def rotation_view_config(views: ViewConfig, keep_colour: bool) -> ViewConfig:
@@ -29,37 +36,40 @@ def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return augment.rotate90(x.repeat(4, 1, 1, 1), labels), labels
 
 
-@METHODS.register("rotnet")
-class RotNet(nn.Module):
+@METHODS.register("rotnet", config=RotNetConfig)
+class RotNet(Method):
     chance = 0.25
+    legacy_settings = True
     jitter_each_copy = False
 
-    def __init__(self, num_features: int, cfg: PretrainConfig, image_size: int) -> None:
-        super().__init__()
-        hidden = cfg.method.rotation_head_hidden_dim
+    def __init__(self, encoder: nn.Module, settings: RotNetConfig, pretrain: PretrainConfig, image_size: int) -> None:
+        super().__init__(encoder, settings, pretrain, image_size)
+        hidden, features = settings.rotation_head_hidden_dim, encoder.num_features
         self.head = (
-            nn.Linear(num_features, 4)
+            nn.Linear(features, 4)
             if hidden == 0
-            else nn.Sequential(nn.Linear(num_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 4))
+            else nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 4))
         )
-        self.image_size = image_size
-        self.full_views = cfg.views
-        self.base_views = rotation_view_config(cfg.views, keep_colour=False)
 
-    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, H, W, 3) -> normalised rotated copies (4B, 3, S, S) and rotation labels (4B,)."""
-        x = augment.random_view(images, self.base_views, self.image_size)
-        x, labels = rotations(x)
+    def view_specs(self) -> list[ViewSpec]:
+        """One base view per image (unnormalised); ``draw_views`` makes the four rotations from it."""
+        return [ViewSpec(self.image_size, rotation_view_config(self.pretrain.views, keep_colour=False))]
+
+    def draw_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 (B, H, W, 3) -> ``[x]``: the normalised rotated copies (4B, 3, S, S), rotation-major."""
+        (spec,) = self.view_specs()
+        x, _ = rotations(augment.random_view(images, spec.augment, spec.size))
         if self.jitter_each_copy:
-            x = colour_jitter(x, self.full_views)
-        return augment.normalize(x), labels
+            x = colour_jitter(x, self.pretrain.views)
+        return [augment.normalize(x)]
 
-    def step(self, encoder: nn.Module, images: torch.Tensor) -> PretextOutput:
-        x, labels = self.views(images)
-        logits = self.head(encoder(x))
+    def step(self, images: torch.Tensor) -> StepOutput:
+        (x,) = self.draw_views(images)
+        labels = torch.arange(4, device=x.device).repeat_interleave(len(x) // 4)  # rotation-major, as ``rotations``
+        logits = self.head(self.encoder(x))
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.detach().argmax(1) == labels).float().mean()
-        return PretextOutput(loss, accuracy)
+        return StepOutput(loss, {"pretext_acc": accuracy})
 
 
 def colour_jitter(x: torch.Tensor, views: ViewConfig) -> torch.Tensor:

@@ -5,9 +5,9 @@ them by colour and has to look at structure; colour jitter settings come from ``
 """
 
 from histossl.methods import METHODS
-from histossl.methods.rotnet import RotNet
+from histossl.methods.rotnet import RotNet, RotNetConfig
 
 
-@METHODS.register("rotnet_jitter")
+@METHODS.register("rotnet_jitter", config=RotNetConfig)
 class RotNetJitter(RotNet):
     jitter_each_copy = True

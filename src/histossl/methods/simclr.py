@@ -6,15 +6,24 @@ histology views (``pretrain.views``): crops, flips, 90-degree turns, colour and 
 grey level and blur, drawn independently for each view on the training device.
 """
 
+from dataclasses import dataclass
+
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 from torch.nn import functional as F
 
-from histossl import augment
 from histossl.config import PretrainConfig
-from histossl.methods import METHODS, PretextOutput
+from histossl.methods import METHODS
+from histossl.methods.base import Method, StepOutput
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    temperature: float = 0.2  # NT-Xent temperature (the paper's 0.1-0.5; 0.2 suits small batches)
+    projection_dim: int = 128
+    projection_hidden_dim: int = 512
 
 
 def positive_is_nearest(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
@@ -32,22 +41,19 @@ def positive_is_nearest(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
     return (sim.argmax(1) == positive).float().mean()
 
 
-@METHODS.register("simclr")
-class SimCLR(nn.Module):
-    def __init__(self, num_features: int, cfg: PretrainConfig, image_size: int) -> None:
-        super().__init__()
-        m = cfg.method
-        self.projection = SimCLRProjectionHead(num_features, m.projection_hidden_dim, m.projection_dim)
+@METHODS.register("simclr", config=SimCLRConfig)
+class SimCLR(Method):
+    legacy_settings = True
+
+    def __init__(self, encoder: nn.Module, settings: SimCLRConfig, pretrain: PretrainConfig, image_size: int) -> None:
+        super().__init__(encoder, settings, pretrain, image_size)
+        self.projection = SimCLRProjectionHead(encoder.num_features, settings.projection_hidden_dim, settings.projection_dim)
         # Under DDP the negatives come from every process's batch, as in the paper; lightly gathers
         # only when a process group with more than one process exists, so this is a no-op on one device.
-        self.loss = NTXentLoss(temperature=m.temperature, gather_distributed=torch.distributed.is_available())
-        self.views = cfg.views
-        self.image_size = image_size
-        self.chance = 1.0 / (2 * cfg.batch_size - 1)
+        self.loss = NTXentLoss(temperature=settings.temperature, gather_distributed=torch.distributed.is_available())
+        self.chance = 1.0 / (2 * pretrain.batch_size - 1)
 
-    def step(self, encoder: nn.Module, images: torch.Tensor) -> PretextOutput:
-        # Both views in one call: each of the 2B rows gets its own random parameters, and the views
-        # come out as one tensor (no concatenation of two float batches).
-        views = augment.random_view(torch.cat([images, images]), self.views, self.image_size, normalized=True)
-        z0, z1 = self.projection(encoder(views)).chunk(2)
-        return PretextOutput(self.loss(z0, z1), positive_is_nearest(z0.detach(), z1.detach()))
+    def step(self, images: torch.Tensor) -> StepOutput:
+        # Both views through the encoder in one call (batch-norm statistics over the 2B views).
+        z0, z1 = self.projection(self.encoder(torch.cat(self.draw_views(images)))).chunk(2)
+        return StepOutput(self.loss(z0, z1), {"pretext_acc": positive_is_nearest(z0.detach(), z1.detach())})

@@ -242,7 +242,7 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
     agg = aggregate(records)
     flags = find_flags(records, stages)
     users = _stage_users(records, stages)
-    flagged_runs = {run for f in flags if f.kind != "pretext_chance" for run in f.runs}
+    flagged_runs = {run for f in flags if f.kind not in ("pretext_chance", "embedding_collapsed") for run in f.runs}
     suspicious = {e for f in flags if f.stage for e in users.get(f.stage, [])}
     name = _study_name(out_dir)
 
@@ -260,7 +260,7 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
         "Columns: encoders. Supervised baselines train the whole "
         "network, so they appear in every table, marked *(end to end)* in frozen-encoder tables. "
         f"{FLAG_MARK} on a cell: it holds a flagged run; on a column: its pretext task never left chance "
-        "(see Warnings). Which runs make each cell: see *Runs behind each cell*."
+        "or its encoder collapsed (see Warnings). Which runs make each cell: see *Runs behind each cell*."
     ))
     for metric in METRIC_TABLES:
         if not has_metric(agg, metric):

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from histossl.report.flags import pretext_left_chance
+from histossl.report.flags import embedding_collapsed, pretext_left_chance
 from histossl.report.records import Stage
 from histossl.report.tables import Aggregate, format_fraction, summarize
 
@@ -38,9 +38,11 @@ def _finite(xs: list[Any], ys: list[Any]) -> tuple[list[float], list[float]]:
 def pretext_figure(stage: Stage) -> bytes:
     """Pretext loss and (where the task has one) accuracy per epoch, with the chance level."""
     has_acc = any(a is not None for a in stage.pretext_acc)
-    fig = Figure(figsize=(8 if has_acc else 4.5, 3.2))
-    fig.subplots_adjust(left=0.09 if has_acc else 0.16, right=0.97, bottom=0.16, top=0.82, wspace=0.28)
-    axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
+    has_std = not has_acc and any(v is not None for v in stage.embedding_std)
+    two = has_acc or has_std
+    fig = Figure(figsize=(8 if two else 4.5, 3.2))
+    fig.subplots_adjust(left=0.09 if two else 0.16, right=0.97, bottom=0.16, top=0.82, wspace=0.28)
+    axes = fig.subplots(1, 2 if two else 1, squeeze=False)[0]
     x, y = _finite(stage.epochs, stage.pretext_loss)
     axes[0].plot(x, y, marker="o", markersize=3, color="tab:blue")
     axes[0].set(title="pretext loss", xlabel="epoch", ylabel="loss")
@@ -54,6 +56,12 @@ def pretext_figure(stage: Stage) -> bytes:
         if pretext_left_chance(stage) is False:
             axes[1].set_title("pretext accuracy: never left chance", color="tab:red")
         axes[1].legend(fontsize=8, loc="center right")
+    if has_std:  # methods without a pretext accuracy: the collapse signal (0 = collapsed)
+        x, y = _finite(stage.epochs, stage.embedding_std)
+        axes[1].plot(x, y, marker="o", markersize=3, color="tab:blue")
+        axes[1].set(title="std of normalised embeddings", xlabel="epoch", ylabel="std", ylim=(0, None))
+        if embedding_collapsed(stage):
+            axes[1].set_title("embeddings collapsed", color="tab:red")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -2,7 +2,8 @@
 
 1. A collapsed downstream run (the seed report's frozen 38.56% run): test accuracy below what
    always predicting the majority class gets, balanced accuracy at chance, or a non-finite loss.
-2. A pretext task whose accuracy never left chance: the encoder learnt nothing from it.
+2. A pretext task whose accuracy never left chance: the encoder learnt nothing from it; for methods
+   without a pretext accuracy, an encoder whose embeddings collapsed (``embedding_collapsed``).
 3. Two different runs with the same (test loss, test accuracy) to the shown precision: a hint of a
    copied result (the seed report's other mistake) or of a run that did not use its settings.
 4. A label budget that leaves a class with fewer than 2 labelled images (5% of a 30-image class
@@ -24,13 +25,18 @@ from histossl.report.tables import Budget, format_budget
 BALANCED_CHANCE_MARGIN = 0.01
 # A class with fewer labelled images than this in a run's subset is flagged.
 MIN_LABELS_PER_CLASS = 2
+# Collapsed embeddings: the per-dimension std of the normalised embeddings fell below this fraction of
+# its first epoch's (0 when every image maps to one vector; SimSiam, arXiv 2011.10566, figure 2), or
+# the effective rank (RankMe, arXiv 2210.02885) is below this (1: all embeddings on one line).
+COLLAPSE_STD_FRACTION = 0.1
+COLLAPSE_EFFECTIVE_RANK = 1.5
 
 
 @dataclass(frozen=True)
 class Flag:
     """A warning for the reader. ``runs`` are downstream run folders; ``stage`` a pretraining stage."""
 
-    kind: str  # "collapsed" | "pretext_chance" | "identical" | "few_labels" | "hit_maximum"
+    kind: str  # "collapsed" | "pretext_chance" | "embedding_collapsed" | "identical" | "few_labels" | "hit_maximum"
     message: str
     runs: tuple[str, ...] = ()
     stage: str | None = None
@@ -109,6 +115,35 @@ def pretext_at_chance(stages: list[Stage]) -> list[Flag]:
     return flags
 
 
+def embedding_collapsed(stage: Stage) -> bool | None:
+    """Whether a stage's last epoch shows collapsed embeddings; ``None`` without the collapse columns."""
+    stds = [v for v in stage.embedding_std if v is not None and math.isfinite(v)]
+    ranks = [v for v in stage.effective_rank if v is not None and math.isfinite(v)]
+    if not stds:
+        return None
+    return stds[-1] < COLLAPSE_STD_FRACTION * stds[0] or stds[-1] == 0 or bool(ranks and ranks[-1] < COLLAPSE_EFFECTIVE_RANK)
+
+
+def collapsed_encoders(stages: list[Stage]) -> list[Flag]:
+    flags = []
+    for stage in stages:
+        if embedding_collapsed(stage):
+            method, chain = stage.info.get("method", "?"), stage.info.get("chain", "?")
+            std = [v for v in stage.embedding_std if v is not None]
+            rank = [v for v in stage.effective_rank if v is not None]
+            flags.append(
+                Flag(
+                    "embedding_collapsed",
+                    f"Encoder of `{stage.folder}` ({method}, chain `{chain}`) collapsed: in the last epoch the "
+                    f"normalised embeddings' per-dimension std is {std[-1]:.2g} (first epoch {std[0]:.2g})"
+                    + (f" and their effective rank {rank[-1]:.3g}" if rank else "")
+                    + ". Its images map to (nearly) one vector.",
+                    stage=stage.folder,
+                )
+            )
+    return flags
+
+
 def identical_results(records: list[dict[str, Any]]) -> list[Flag]:
     """Distinct runs whose (test loss, test accuracy) agree to the report's precision (4 decimals, 0.01%)."""
     groups: dict[tuple[float, float], list[str]] = {}
@@ -174,6 +209,7 @@ def hit_maximum(records: list[dict[str, Any]]) -> list[Flag]:
 
 
 def find_flags(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
-    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, identical results, too few labels, starved runs."""
-    return (collapsed_runs(records) + pretext_at_chance(stages) + identical_results(records) + few_labels(records)
-            + hit_maximum(records))
+    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, collapsed encoders, identical
+    results, too few labels, starved runs."""
+    return (collapsed_runs(records) + pretext_at_chance(stages) + collapsed_encoders(stages) + identical_results(records)
+            + few_labels(records) + hit_maximum(records))

@@ -37,6 +37,8 @@ class Stage:
         folder: path relative to the study folder, e.g. ``pretrain/simclr_target_1a2b3c``.
         info: the parsed ``stage.json`` (``{}`` when it is missing or unreadable).
         epochs, pretext_loss, pretext_acc: one value per row of ``metrics.csv``; ``None`` where empty.
+        embedding_std, effective_rank: the collapse signal of methods without a pretext accuracy
+            (``histossl.methods.base.collapse_metrics``), per row; empty for the others.
     """
 
     folder: str
@@ -44,6 +46,8 @@ class Stage:
     epochs: list[float] = field(default_factory=list)
     pretext_loss: list[float | None] = field(default_factory=list)
     pretext_acc: list[float | None] = field(default_factory=list)
+    embedding_std: list[float | None] = field(default_factory=list)
+    effective_rank: list[float | None] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -136,6 +140,8 @@ def load_stages(out_dir: Path) -> list[Stage]:
                 epochs=[e for e in columns.get("epoch", []) if e is not None],
                 pretext_loss=columns.get("pretext_loss", []),
                 pretext_acc=columns.get("pretext_acc", []),
+                embedding_std=columns.get("embedding_std", []),
+                effective_rank=columns.get("effective_rank", []),
             )
         )
     return stages

@@ -247,3 +247,15 @@ def checkpoint_callbacks(folder: Path, monitor: str | None = None, mode: str = "
         enable_version_counter=False,
     )
     return [last, best] if resumable else [best]
+
+
+def parameter_groups(named_parameters, weight_decay: float) -> list[dict]:
+    """Optimizer groups: weight decay on weights, none on biases and normalisation layers.
+
+    Biases and batch/layer-norm scales and shifts are the 1-D parameters; decaying them only pulls
+    them towards 0 (Goyal et al. 2017, arXiv 1706.02677, section 5.1; BYOL and DINO exclude them too).
+    """
+    decay, no_decay = [], []
+    for _, param in named_parameters:
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -8,21 +8,24 @@ prefix (imagenet>other and imagenet>other>target) pretrain it once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from histossl.config import Config, EncoderConfig, OptimConfig, dataset_identity, encoder_chain, to_dict
-from histossl.errors import ConfigError
+from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict
+from histossl.errors import ConfigError, HistosslError
 from histossl.io import atomic_write_json
-from histossl.methods import METHODS
+from histossl.methods import METHODS, Method, method_settings, settings_key
 from histossl.models.backbones import Encoder, build_encoder, save_encoder
 from histossl.train.common import (
     ArrayBatches,
@@ -33,11 +36,34 @@ from histossl.train.common import (
     loader,
     make_optimizer,
     make_trainer,
+    parameter_groups,
     scheduled,
 )
 
 log = logging.getLogger(__name__)
-METRIC_COLUMNS = ["epoch", "pretext_loss", "pretext_acc", "lr"]
+# Bumped when a pretraining checkpoint's content changes so that an older one cannot be resumed.
+CHECKPOINT_FORMAT = 2  # 2: the method owns the encoder; optimizer groups without decay on biases and norms
+
+
+def metric_columns(method: Method) -> list[str]:
+    """metrics.csv columns of a stage: pretext accuracy, or the collapse signal for methods without one."""
+    return ["epoch", "pretext_loss", *method.metric_names, "lr"]
+
+
+def hashed(config) -> object:
+    """``to_dict`` for a stage key, leaving out fields added later (``HASHED_WHEN_SET``) at their default.
+
+    A field added to a config that a stage key holds (data set, split, views, optimizer, backbone)
+    must carry ``metadata=HASHED_WHEN_SET``, or every existing stage folder gets a new name
+    (``tests/test_stage_names.py`` fails).
+    """
+    if dataclasses.is_dataclass(config):
+        return {
+            f.name: hashed(getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if not (f.metadata.get("hashed_when_set") and getattr(config, f.name) == f.default)
+        }
+    return to_dict(config)
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,7 @@ class Stage:
     chain: str  # e.g. imagenet>other>target, the path up to and including this stage
     key: dict  # everything that shaped this stage (hashed into the folder name)
     seed: int = 0  # the pretraining seed
+    settings: Any = None  # the method's resolved settings dataclass (histossl.methods.method_settings)
 
 
 def init_label(init: str) -> str:
@@ -73,6 +100,12 @@ def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> l
     """
     seed = cfg.seed if seed is None else seed
     METHODS.get(entry.method)  # unknown names fail here, listing the registered ones
+    p = cfg.pretrain
+    # Shared settings and the chosen method's settings only (pretrain.methods of other methods, and
+    # view fields added later at their default, stay out: committed stage folders keep their names).
+    shared = {"epochs": None, "batch_size": p.batch_size, "optim": hashed(p.optim), "views": hashed(p.views)}
+    pretrain_key = shared | {"method": settings_key(cfg, entry)}
+    settings = method_settings(cfg, entry)
     stages: list[Stage] = []
     previous: dict = {"init": entry.init}
     init = entry.init
@@ -83,58 +116,82 @@ def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> l
             "previous": previous,
             "method": entry.method,
             "dataset": dataset,
-            "data": dataset_identity(ds) | ({"synth": to_dict(cfg.synth)} if ds.synthetic else {}),
-            "split": to_dict(cfg.split) if dataset == cfg.target else None,
+            "data": hashed(ds) | ({"synth": hashed(cfg.synth)} if ds.synthetic else {}),
+            "split": hashed(cfg.split) if dataset == cfg.target else None,
             "epochs": entry.epochs or cfg.pretrain.epochs,
-            "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items() if k != "seeds"} | {"epochs": None},
-            "backbone": to_dict(cfg.backbone),
+            "pretrain": pretrain_key,
+            "backbone": hashed(cfg.backbone),
             "image_size": cfg.image_size,
             "seed": seed,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
         path = chain_name(entry.init, chain[: i + 1])
         folder = f"{entry.method}_{path.replace('>', '-')}_{digest}" + ("" if seed == cfg.seed else f"_seed{seed}")
-        stages.append(Stage(folder, entry.method, dataset, key["epochs"], init, path, key, seed))
+        stages.append(Stage(folder, entry.method, dataset, key["epochs"], init, path, key, seed, settings))
         previous, init = {"stage": folder}, f"stage:{folder}"
     return stages
 
 
 class PretrainModule(RngStateInCheckpoint, pl.LightningModule):
-    """Wires an encoder and a pretext method for Lightning; logs the epoch's mean loss and accuracy."""
+    """Wires a pretext method (which owns the encoder) for Lightning; logs the epoch's mean metrics."""
 
-    def __init__(self, encoder: Encoder, method: torch.nn.Module, optim: OptimConfig) -> None:
+    def __init__(self, method: Method, optim: OptimConfig) -> None:
         super().__init__()
-        self.encoder = encoder
         self.method = method
         self.optim = optim
-        self.register_buffer("_sums", torch.zeros(3), persistent=False)
+        self.metric_names = ["pretext_loss", *method.metric_names]
+        # Sums of the loss and each metric over the epoch's steps, then the step count.
+        self.register_buffer("_sums", torch.zeros(len(self.metric_names) + 1), persistent=False)
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.method.encoder
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
-        out = self.method.step(self.encoder, images)
-        self._sums += torch.stack([out.loss.detach().float(), out.accuracy.float(), torch.ones((), device=self.device)])
-        self.log("pretext_loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        self.log("pretext_acc", out.accuracy, prog_bar=True, on_step=True, on_epoch=False)
+        out = self.method.step(images)
+        values = [out.loss.detach().float(), *(out.metrics[name].float() for name in self.metric_names[1:])]
+        self._sums += torch.stack([*values, torch.ones((), device=self.device)])
+        for name, value in zip(self.metric_names, values):
+            self.log(name, value, prog_bar=name in ("pretext_loss", "pretext_acc"), on_step=True, on_epoch=False)
         return out.loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After the optimizer step: teachers (EMA), temperatures and other schedules of the step count.
+        self.method.after_optimizer_step(self.trainer.global_step, int(self.trainer.estimated_stepping_batches))
+
     def summarize_epoch(self) -> dict:
-        """The epoch's mean pretext loss and accuracy over every step of every process."""
+        """The epoch's mean loss and metrics over every step of every process."""
         sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")
         self._sums.zero_()
-        count = max(float(sums[2]), 1.0)
-        return {
-            "epoch": self.current_epoch,
-            "pretext_loss": float(sums[0]) / count,
-            "pretext_acc": float(sums[1]) / count,
-            "lr": self.optimizers().param_groups[0]["lr"],
-        }
+        count = max(float(sums[-1]), 1.0)
+        means = {name: float(sums[i]) / count for i, name in enumerate(self.metric_names)}
+        if not math.isfinite(means["pretext_loss"]):  # checked here, where the sums are read anyway (no extra sync)
+            raise HistosslError(
+                f"pretraining diverged: the pretext loss became {means['pretext_loss']} in epoch {self.current_epoch + 1}; "
+                "lower pretrain.optim.lr (or try pretrain.optim.optimizer=lars); the last good epoch's checkpoint is kept"
+            )
+        return {"epoch": self.current_epoch, **means, "lr": self.optimizers().param_groups[0]["lr"]}
 
     def configure_optimizers(self):
         o = self.optim
-        optimizer = make_optimizer(o.optimizer, self.parameters(), o.lr, o.weight_decay, o.momentum)
+        groups = parameter_groups(self.method.trained_parameters(), o.weight_decay)
+        optimizer = make_optimizer(o.optimizer, groups, o.lr, o.weight_decay, o.momentum)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs))
         return scheduled(optimizer, total, o.warmup_epochs * steps_per_epoch, o.lr_schedule)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["pretrain_format"] = CHECKPOINT_FORMAT
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("pretrain_format") != CHECKPOINT_FORMAT:
+            raise HistosslError(
+                "the pretraining checkpoint was written by an older histossl (before the method interface); "
+                "delete its checkpoints/ folder to restart the stage"
+            )
+        super().on_load_checkpoint(checkpoint)
 
 
 def resolve_init(init: str, pretrain_root: Path) -> str:
@@ -151,22 +208,22 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
         log.info("pretrain %s: done, reusing %s", stage.folder, encoder_path)
         return encoder_path
     batch = cfg.pretrain.batch_size
-    if len(rows) < batch:
-        raise ConfigError(
-            f"pretrain.batch_size={batch} is larger than the {len(rows)} images of data set {stage.dataset!r}"
-        )
+    settings = stage.settings
+    needed, setting = METHODS.get(stage.method).min_images(settings, cfg.pretrain)
+    if len(rows) < needed:
+        raise ConfigError(f"{setting}={needed} is larger than the {len(rows)} images of data set {stage.dataset!r}")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "stage_key.json", stage.key)
     pl.seed_everything(stage.seed, workers=True, verbose=False)
     encoder = build_encoder(cfg.backbone, resolve_init(stage.init, pretrain_root))
     prepare_encoder(encoder, cfg)
-    method = METHODS.get(stage.method)(encoder.num_features, cfg.pretrain, cfg.image_size)
-    module = PretrainModule(encoder, method, cfg.pretrain.optim)
+    method = METHODS.get(stage.method)(encoder, settings, cfg.pretrain, cfg.image_size)
+    module = PretrainModule(method, cfg.pretrain.optim)
     ckpt_dir = folder / "checkpoints"
     trainer = make_trainer(
         cfg.trainer,
         stage.epochs,
-        [EpochCSV(folder / "metrics.csv", METRIC_COLUMNS), *checkpoint_callbacks(ckpt_dir)],
+        [EpochCSV(folder / "metrics.csv", metric_columns(method)), *checkpoint_callbacks(ckpt_dir)],
         folder,
         validate=False,
     )
@@ -177,7 +234,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
     start = time.time()
     trainer.fit(module, data, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.is_global_zero:
-        save_encoder(encoder, encoder_path)
+        save_encoder(method.exported_encoder(), encoder_path)
         atomic_write_json(
             folder / "stage.json",
             {
@@ -190,7 +247,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
                 "epochs": stage.epochs,
                 "seed": stage.seed,
                 "n_images": int(len(rows)),
-                "pretext_chance": float(getattr(method, "chance", 0.0)),
+                "pretext_chance": method.chance,  # null: no pretext accuracy (collapse is measured instead)
                 "backbone": cfg.backbone.name,
                 "stem": cfg.backbone.stem,
                 "image_size": cfg.image_size,
