@@ -156,3 +156,14 @@ def test_compare_refuses_different_splits_or_subsets(tmp_path, capsys):
     assert main(["compare", str(a), str(b)]) == 1
     assert "missing while the other study has one" in capsys.readouterr().err
     assert main(["compare", str(a), str(tmp_path / "nowhere")]) == 1
+
+
+def test_protocols_without_a_schedule_are_compared_with_the_supervised_baseline():
+    records = []
+    for seed, (ssl, sup) in enumerate([(0.60, 0.50), (0.62, 0.51), (0.61, 0.49)]):
+        records.append({"encoder": "simclr", "method": "simclr", "protocol": "linear", "lr_schedule": None,
+                        "label_fraction": 0.05, "shots": None, "seed": seed, "test_balanced_acc": ssl})
+        records.append({"encoder": "supervised", "method": "supervised", "protocol": "finetune", "lr_schedule": "cosine",
+                        "label_fraction": 0.05, "shots": None, "seed": seed, "test_balanced_acc": sup})
+    (line,) = verdict.verdict_lines(verdict.compare(records))
+    assert line.startswith("5% labels: simclr (linear probe) beats supervised by +11.0 points")

@@ -123,9 +123,14 @@ def _baselines(cells: dict[CellKey, StudyCell], budget: Budget, protocol: str, s
     """Supervised cells for this budget and schedule: of this protocol, else of the first other one.
 
     A supervised baseline trains the whole network, so a frozen or linear table compares with its
-    end-to-end runs, as the report's tables do.
+    end-to-end runs, as the report's tables do; a protocol without an lr schedule (linear, knn)
+    compares with the baseline's first schedule in table order (cosine before constant).
     """
-    found = [c for k, c in cells.items() if c.supervised and k[0] == budget and k[2] == schedule]
+    supervised = [c for k, c in cells.items() if c.supervised and k[0] == budget]
+    found = [c for c in supervised if c.key[2] == schedule]
+    if not found and supervised:  # a protocol without an lr schedule (linear, knn): the baseline's first schedule
+        first_schedule = supervised[0].key[2]
+        found = [c for c in supervised if c.key[2] == first_schedule]
     own = [c for c in found if c.key[1] == protocol]
     if own or not found:
         return own
