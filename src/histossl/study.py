@@ -21,13 +21,13 @@ import numpy as np
 import yaml
 
 from histossl import config as config_mod
-from histossl import provenance, records
+from histossl import preflight, provenance, records
 from histossl.config import Config
 from histossl.data.cache import DecodedImages, decode_cached
 from histossl.data.sources import ImageIndex, load_index
 from histossl.data.splits import label_subsets, load_or_make_split
 from histossl.data.synth import synthesize
-from histossl.errors import ConfigError, DataError, HistosslError
+from histossl.errors import ConfigError, DataError, Diverged, HistosslError
 from histossl.io import atomic_write_json, atomic_write_text
 from histossl.models.backbones import imagenet_weights_path
 from histossl.train import downstream, pretrain
@@ -63,7 +63,35 @@ def study_lock(out: Path) -> Iterator[None]:
 
 
 def write_config(cfg: Config, out: Path) -> None:
-    """Save the resolved config; refuse to mix records of a different study into one folder."""
+    """Save the resolved config, unless the folder already holds work made with its ``config.yaml``.
+
+    Call ``check_config`` (and the other checks) first: a config is written only once it is known to run.
+    Hardware settings (``trainer``) and ``name`` may differ when a study is resumed elsewhere; the
+    config.yaml that made the recorded work is kept then (each command's own line is in invocations.jsonl).
+    """
+    path = out / "config.yaml"
+    if path.is_file() and _has_work(out):
+        if config_mod.to_dict(cfg) != _old_config(path):
+            log.info("%s kept: it made the work already in %s (this command's settings are in %s)", path, out, provenance.INVOCATIONS)
+        return
+    config_mod.save(cfg, path)
+
+
+def _has_work(out: Path) -> bool:
+    """Whether a downstream run was recorded or a pretraining stage finished in ``out``."""
+    return bool(records.load(out / RESULTS, repair=False)) or any((out / "pretrain").glob("*/stage.json"))
+
+
+def _old_config(path: Path) -> dict:
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return config_mod.to_dict(config_mod.from_dict(old))
+    except (yaml.YAMLError, UnicodeDecodeError, HistosslError, AttributeError, TypeError):
+        return {}
+
+
+def check_config(cfg: Config, out: Path) -> None:
+    """Refuse to mix records of a different study into one folder (compares with ``out/config.yaml``)."""
     path = out / "config.yaml"
     new = config_mod.to_dict(cfg)
     if path.is_file():
@@ -85,7 +113,6 @@ def write_config(cfg: Config, out: Path) -> None:
                 f"{out} holds a study made with another config (first difference at {diff}); "
                 "rerun with the same config to resume, or choose another --out"
             )
-    config_mod.save(cfg, path)
 
 
 def _first_difference(a, b, key: str = "") -> str | None:
@@ -115,12 +142,15 @@ def dataset_path(cfg: Config, name: str, out: Path) -> Path:
     return Path(ds.path).expanduser()
 
 
-def load_dataset(cfg: Config, name: str, out: Path) -> Dataset:
-    """Index and decode one data set (once: the decoded cache is reused across runs and studies)."""
+def load_dataset(cfg: Config, name: str, out: Path, write: bool = True) -> Dataset:
+    """Index and decode one data set (once: the decoded cache is reused across runs and studies).
+
+    ``write=False`` (the checks before work starts) leaves the list of skipped images unwritten.
+    """
     ds = cfg.datasets[name]
     index = load_index(dataset_path(cfg, name, out))
     decoded = decode_cached(index, cfg.image_size, cfg.cache_dir, ds.skip_unreadable, progress=cfg.trainer.progress)
-    if decoded.skipped:
+    if decoded.skipped and write:
         log.warning("data set %s: skipped %d unreadable images (listed in %s)", name, len(decoded.skipped), f"skipped_{name}.txt")
         atomic_write_text(out / f"skipped_{name}.txt", "".join(f"{p}\t{why}\n" for p, why in decoded.skipped))
     return Dataset(name, index, decoded)
@@ -178,7 +208,13 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
                 "pretrain %s: stage %s, seed %d (%s on %s, %d images, %d epochs)",
                 name, stage.chain, stage.seed, stage.method, stage.dataset, len(rows), stage.epochs,
             )
-            pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name)
+            try:
+                pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name)
+            except Diverged as err:
+                raise HistosslError(
+                    f"pretraining stage {stage.folder} diverged ({err}); lower pretrain.optim.lr "
+                    f"(now {cfg.pretrain.optim.lr:g}) and rerun"
+                ) from None
     return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
 
 
@@ -244,7 +280,17 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     todo = [s for s in specs if f"downstream/{s.name}" not in done]
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
     for i, spec in enumerate(todo, 1):
-        record = downstream.run(cfg, spec, data, subsets[spec.seed][spec.label_fraction], out / "downstream" / spec.name)
+        labeled = subsets[spec.seed][spec.label_fraction]
+        try:
+            record = downstream.run(cfg, spec, data, labeled, out / "downstream" / spec.name)
+        except (Diverged, RuntimeError) as err:  # recorded, so a rerun does not repeat it; the report flags it
+            if not isinstance(err, Diverged) and "overflow" not in str(err):
+                raise
+            # RuntimeError "value cannot be converted to type float without overflow": an optimizer step past float range
+            record = diverged_record(cfg, spec, len(labeled), str(err).splitlines()[0])
+            records.append(out / RESULTS, {**record, **provenance.record_fields()})
+            log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, err)
+            continue
         records.append(out / RESULTS, {**record, **provenance.record_fields()})
         split = "test" if cfg.downstream.test else "val"
         log.info(
@@ -252,6 +298,36 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
             i, len(todo), spec.name, split, 100 * record[f"{split}_acc"], 100 * record[f"{split}_balanced_acc"], record["wall_s"],
         )
     return len(todo)
+
+
+def diverged_record(cfg: Config, spec: downstream.RunSpec, n_labeled: int, reason: str) -> dict:
+    """The results.jsonl record of a run that diverged: its settings, ``status: diverged``, metrics null."""
+    metrics = ("loss", "acc", "balanced_acc", "macro_f1", "auroc")
+    return {
+        "method": spec.method,
+        "pretrain_chain": spec.pretrain_chain,
+        "mode": spec.mode,
+        "label_fraction": spec.label_fraction,
+        "n_labeled": int(n_labeled),
+        "lr": downstream.run_lr(cfg, spec.lr_schedule),
+        "lr_schedule": spec.lr_schedule,
+        "seed": spec.seed,
+        "status": "diverged",
+        "diverged": reason,
+        **{f"test_{m}": None for m in metrics},
+        **{f"val_{m}": None for m in metrics if m != "macro_f1"},
+        "encoder": spec.encoder,
+        "run": f"downstream/{spec.name}",
+        "pretrain_dir": spec.pretrain_dir,
+        "pretrain_seed": spec.pretrain_seed,
+        "init": spec.init,
+        "head": cfg.downstream.head,
+        "backbone": cfg.backbone.name,
+        "image_size": cfg.image_size,
+        "encoder_lr_scale": cfg.downstream.encoder_lr_scale,
+        "weight_decay": cfg.downstream.weight_decay,
+        "config": "config.yaml",
+    }
 
 
 def build_report(out: Path) -> Path:
@@ -263,6 +339,8 @@ def build_report(out: Path) -> Path:
 def run_study(cfg: Config, out: Path) -> Path:
     """The whole study; returns the path of report.md."""
     with study_lock(out):
+        check_config(cfg, out)
+        preflight.check_before_work(cfg, out)
         with provenance.invocation(out):
             write_config(cfg, out)
             encoders = pretrain_all(cfg, out)
@@ -275,9 +353,12 @@ def run_study(cfg: Config, out: Path) -> Path:
 
 def run_pretrain(cfg: Config, out: Path) -> dict[str, list[Path]]:
     """Every encoder for every pretraining seed; returns each entry's encoder files, one per seed."""
-    with study_lock(out), provenance.invocation(out):
-        write_config(cfg, out)
-        stages = pretrain_all(cfg, out)
+    with study_lock(out):
+        check_config(cfg, out)
+        preflight.check_before_work(cfg, out, downstream=False)
+        with provenance.invocation(out):
+            write_config(cfg, out)
+            stages = pretrain_all(cfg, out)
         return {name: [out / "pretrain" / s.folder / "encoder.safetensors" for s in per_seed] for name, per_seed in stages.items()}
 
 
@@ -288,6 +369,8 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
     name = encoder_file.parent.name if encoder_file.name == "encoder.safetensors" else encoder_file.stem
     stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={}, seed=cfg.seed)
     with study_lock(out):
+        check_config(cfg, out)
+        preflight.check_before_work(cfg, out, encoders=[])
         with provenance.invocation(out):
             write_config(cfg, out)
             specs = [

@@ -26,6 +26,7 @@ from PIL import Image
 from histossl.data import sources
 from histossl.data.sources import ImageIndex, UnreadableImage
 from histossl.errors import DataError
+from histossl.io import apply_umask
 
 # Bump when the decoded pixels would change (resize filter, crop rule, colour conversion).
 RESIZE_VERSION = "shorter-side-bicubic-centre-crop-v1"
@@ -130,6 +131,7 @@ def _decode_one(task: tuple[Path, int]) -> np.ndarray | str:
 def _build(folder: Path, index: ImageIndex, size: int, progress: bool) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    apply_umask(tmp, folder=True)
     try:
         # One slot per image; readable images are packed at the front, so a skipped image costs
         # only an unused slot at the end instead of a second pass to compact the file.

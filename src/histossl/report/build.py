@@ -20,7 +20,7 @@ from histossl.errors import HistosslError
 from histossl.io import atomic_write_bytes, atomic_write_text
 from histossl.report import figures as draw
 from histossl.report.document import Block, Bullets, Cell, Figure, Heading, Paragraph, Table, to_markdown
-from histossl.report.flags import Flag, find_flags, pretext_left_chance
+from histossl.report.flags import Flag, find_flags, is_diverged, pretext_left_chance
 from histossl.report.html import to_html
 from histossl.report.records import Problem, Stage, load_stages, read_metrics_csv, read_records
 from histossl.report.tables import (
@@ -213,8 +213,9 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
     """
     records, problems = read_records(out_dir)
     stages = load_stages(out_dir)
-    agg = aggregate(records)
     flags = find_flags(records, stages)
+    records = [r for r in records if not is_diverged(r)]  # flagged above; no metrics for the tables
+    agg = aggregate(records)
     users = _stage_users(records, stages)
     flagged_runs = {run for f in flags if f.kind != "pretext_chance" for run in f.runs}
     suspicious = {e for f in flags if f.stage for e in users.get(f.stage, [])}

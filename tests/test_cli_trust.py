@@ -1,0 +1,215 @@
+"""Issue 17, trustworthy under real use, through the ``histossl`` command in a subprocess.
+
+Checks before anything is written, a recorded study's config kept, numbers range-checked, config
+files in any encoding, YAML errors with line and column, diverged runs recorded and flagged,
+Ctrl-C, and output files created with the user's umask. docs/reliability.md lists each with its test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+# 3 classes x 4 slides x 6 images of 16 px: 36 training images; a whole study takes seconds.
+TINY = {
+    "name": "tiny",
+    "image_size": 16,
+    "datasets": {"target": {"synthetic": True}},
+    "synth": {"n_groups": 4, "per_class_per_group": 6, "image_size": 16, "classes": ["tumour", "stroma", "adipose"]},
+    "split": {"val_fraction": 0.25, "test_fraction": 0.25},
+    "backbone": {"name": "resnet18", "stem": "small"},
+    "pretrain": {"epochs": 1, "batch_size": 8},
+    "encoders": {"rotnet": {"method": "rotnet"}},
+    "downstream": {
+        "fractions": [1.0], "modes": ["frozen"], "lr_schedules": ["constant"], "seeds": [0], "baselines": [],
+        "frozen_epochs": 2, "batch_size": 8,
+    },
+    "trainer": {"progress": False},
+}
+
+
+def histossl(*args, cwd: Path | None = None, umask: int = 0o022, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m histossl ARGS`` in a subprocess with this checkout's sources."""
+    return subprocess.run(
+        [sys.executable, "-m", "histossl", *map(str, args)], env=ENV, cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, umask=umask,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("histossl: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def tiny_config(path: Path, **changes) -> Path:
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, out) of a tiny study that finished, run under umask 027 (files 0640, folders 0750)."""
+    root = tmp_path_factory.mktemp("finished")
+    config = tiny_config(root / "tiny.yaml")
+    proc = histossl("study", config, "--out", root / "out", umask=0o027)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return config, root / "out"
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("trainer.precision=banana", ["trainer", "banana"]),
+        ("trainer.accelerator=tpu", ["trainer", "accelerator=tpu"]),
+        ("pretrain.batch_size=100", ["pretrain.batch_size=100", "36 images"]),
+        ("encoders.rotnet.method=mocov9", ["encoders.rotnet.method", "mocov9"]),
+        ("backbone.name=resnet9000", ["backbone.name", "resnet9000"]),
+        ("encoders.rotnet.init=missing.safetensors", ["encoders.rotnet.init", "missing.safetensors"]),
+    ],
+)
+def test_a_failed_first_run_writes_no_config_and_the_corrected_command_runs(tmp_path, override, names):
+    config = tiny_config(tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    bad = histossl("study", config, "--out", out, "--set", override)
+    assert bad.returncode == 2
+    line = one_error_line(bad)
+    assert all(name in line for name in names), line
+    assert not (out / "config.yaml").exists() and not (out / "results.jsonl").exists()
+    if override.startswith("pretrain.batch_size"):  # one full corrected run is enough to show the folder is free
+        good = histossl("study", config, "--out", out)
+        assert good.returncode == 0, good.stderr[-3000:]
+        assert (out / "report.md").is_file()
+
+
+def test_recorded_study_config_is_never_overwritten(finished):
+    config, out = finished
+    before = (out / "config.yaml").read_bytes()
+    # A hardware setting may differ on resume (another machine); the config that made the records stays.
+    proc = histossl("study", config, "--out", out, "--set", "trainer.num_workers=1", umask=0o027)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 to run" in proc.stderr
+    assert (out / "config.yaml").read_bytes() == before
+    # Any other difference is refused, and also leaves config.yaml as it was.
+    proc = histossl("study", config, "--out", out, "--set", "downstream.frozen_epochs=3", umask=0o027)
+    assert proc.returncode == 2 and "downstream.frozen_epochs" in one_error_line(proc)
+    assert (out / "config.yaml").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("downstream.lr=.inf", "downstream.lr: must be a finite number, got inf"),
+        ("downstream.weight_decay=-5", "downstream.weight_decay: must not be negative, got -5"),
+        ("downstream.encoder_lr_scale=.nan", "downstream.encoder_lr_scale: must be a finite number, got nan"),
+        ("pretrain.optim.lr=.inf", "pretrain.optim.lr: must be a finite number"),
+        ("pretrain.views.blur_prob=1.5", "pretrain.views.blur_prob: a probability must be in [0, 1]"),
+        ("downstream.dropout=1", "downstream.dropout: must be in [0, 1)"),
+        ("seed=-1", "seed: must not be negative"),
+    ],
+)
+def test_numbers_are_range_checked(tmp_path, override, message):
+    proc = histossl("study", tiny_config(tmp_path / "tiny.yaml"), "--out", tmp_path / "out", "--set", override)
+    assert proc.returncode == 2
+    assert message in one_error_line(proc)
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_config_files_in_other_encodings_and_bad_yaml_give_one_line(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: \xe9tude\n".encode("latin-1"))
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_text("name: study\n", encoding="utf-16")
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("name: x\ndownstream:\n\tepochs: 3\n")
+    for path in (latin1, utf16):
+        proc = histossl("study", path, "--out", tmp_path / "out")
+        assert proc.returncode == 2
+        line = one_error_line(proc)
+        assert str(path) in line and "not UTF-8" in line, line
+    proc = histossl("study", tab, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert str(tab) in line and "line 3, column 1" in line, line
+    # A UTF-8 file with a byte-order mark (some Windows editors) is fine: the error is about the key.
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffnmae: x\n".encode("utf-8"))
+    assert "unknown key 'nmae'" in one_error_line(histossl("study", bom, "--out", tmp_path / "out"))
+
+
+def test_a_diverging_run_is_recorded_flagged_and_the_study_goes_on(tmp_path):
+    # lr 1e30: the head's weights leave float range within two steps. The cosine run uses a sane lr
+    # (constant_lr is the constant schedule's), so one run diverges and one finishes.
+    config = tiny_config(
+        tmp_path / "tiny.yaml", downstream__lr_schedules=["constant", "cosine"], downstream__constant_lr=1e30, downstream__frozen_epochs=3
+    )
+    out = tmp_path / "out"
+    proc = histossl("study", config, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "diverged" in proc.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    diverged = [r for r in records if r.get("status") == "diverged"]
+    assert len(records) == 2 and len(diverged) == 1
+    assert diverged[0]["lr"] == 1e30 and diverged[0]["lr_schedule"] == "constant" and diverged[0]["test_acc"] is None
+    finished = next(r for r in records if r is not diverged[0])
+    assert finished["test_acc"] is not None
+    report = (out / "report.md").read_text()
+    assert "Diverged downstream run `downstream/rotnet__frozen__constant__f1__s0`" in report
+    # A rerun does not repeat the diverged run: it is recorded.
+    again = histossl("study", config, "--out", out)
+    assert again.returncode == 0 and "0 to run" in again.stderr
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_loses_nothing(tmp_path):
+    config = tiny_config(tmp_path / "tiny.yaml", pretrain__epochs=200)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histossl", "study", str(config), "--out", str(out)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("pretrain/*/checkpoints/last.ckpt")):  # an epoch is saved
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "histossl: interrupted; rerun the same command to resume"
+    assert list(out.glob("pretrain/*/checkpoints/last.ckpt")), "the saved epoch is kept"
+    ends = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines() if '"end"' in line]
+    assert ends[-1]["status"] == "interrupted"
+
+
+def test_output_files_follow_the_umask(finished):
+    _, out = finished
+    files = ["config.yaml", "report.md", "report.html", "split.csv", "results.jsonl", "invocations.jsonl", "subsets.json"]
+    files += [str(p.relative_to(out)) for p in out.glob("pretrain/*/*") if p.is_file()]
+    assert any(f.endswith("encoder.safetensors") for f in files)
+    for name in files:
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name  # umask 027 -> 0640, not tempfile's 0600
+    for folder in [out / "data" / "target", out / "figures", *out.glob("pretrain/*")]:
+        assert folder.stat().st_mode & 0o777 == 0o750, folder
