@@ -213,3 +213,101 @@ def test_output_files_follow_the_umask(finished):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name  # umask 027 -> 0640, not tempfile's 0600
     for folder in [out / "data" / "target", out / "figures", *out.glob("pretrain/*")]:
         assert folder.stat().st_mode & 0o777 == 0o750, folder
+
+
+# ------------------------------------------------------------------------------------------------
+# The data a study used: named in the report, fingerprinted, results of changed data set aside
+
+
+def folder_config(path: Path, data: Path, **changes) -> Path:
+    changes = {"datasets": {"target": {"path": str(data)}}, **changes}
+    config = tiny_config(path, **{k: v for k, v in changes.items() if k != "datasets"})
+    loaded = yaml.safe_load(config.read_text())
+    loaded["datasets"] = changes["datasets"]
+    loaded.pop("synth", None)
+    config.write_text(yaml.safe_dump(loaded, sort_keys=False))
+    return config
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    proc = histossl("data", "synth", "--out", tmp_path / "data", "--classes", "tumour,stroma,adipose", "--groups", "4",
+                    "--per-class", "6", "--size", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path / "data"
+
+
+def test_synthetic_with_a_path_and_out_inside_the_data_are_refused(tmp_path, image_folder):
+    both = tiny_config(tmp_path / "both.yaml")
+    loaded = yaml.safe_load(both.read_text())
+    loaded["datasets"]["target"]["path"] = str(image_folder)
+    both.write_text(yaml.safe_dump(loaded))
+    proc = histossl("study", both, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "datasets.target" in one_error_line(proc) and "synthetic" in one_error_line(proc)
+    config = folder_config(tmp_path / "folder.yaml", image_folder)
+    inside = image_folder / "results"
+    proc = histossl("study", config, "--out", inside)
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert str(inside) in line and str(image_folder) in line, line
+    assert not inside.exists(), "nothing is written into the data folder, not even the lock"
+
+
+def test_changed_data_sets_aside_stale_results_and_redoes_them(tmp_path, image_folder):
+    config = folder_config(tmp_path / "folder.yaml", image_folder)
+    out = tmp_path / "out"
+    first = histossl("study", config, "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    old_print = json.loads((out / "data.json").read_text())["target"]
+    assert json.loads((out / "split.csv.json").read_text())["data"] == old_print
+    assert json.loads(next(out.glob("pretrain/*/stage.json")).read_text())["data"] == old_print
+    assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["data_fingerprint"] == old_print
+    report = (out / "report.md").read_text()
+    assert f"data set `target`: `{image_folder}`, 72 images, fingerprint `{old_print['digest']}`" in report
+    old_stage = next(out.glob("pretrain/*/stage.json")).parent.name
+
+    # A new image in one class, another touched: the split, the pretraining on it and the runs are stale.
+    tumour = sorted((image_folder / "slide00" / "tumour").iterdir())
+    (image_folder / "slide00" / "tumour" / "new.png").write_bytes(tumour[0].read_bytes())
+    stroma = sorted((image_folder / "slide00" / "stroma").iterdir())[0]
+    os.utime(stroma, ns=(stroma.stat().st_atime_ns, stroma.stat().st_mtime_ns + 10**9))
+    again = histossl("study", config, "--out", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 images added, 0 removed, 1 modified" in again.stderr and "slide00/tumour/new.png" in again.stderr
+    assert "0 already recorded, 1 to run" in again.stderr  # redone, not reused
+    (stale,) = (out / "stale").iterdir()
+    assert (stale / "split.csv").is_file() and (stale / "pretrain" / old_stage / "encoder.safetensors").is_file()
+    assert json.loads((stale / "results.jsonl").read_text())["data_fingerprint"] == old_print
+    new_print = json.loads((out / "data.json").read_text())["target"]
+    assert new_print["n_images"] == 73 and new_print["digest"] != old_print["digest"]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["data_fingerprint"] == new_print
+    assert len((out / "split.csv").read_text().splitlines()) == 74  # header + 73 images
+    assert json.loads(next(out.glob("pretrain/*/stage.json")).read_text())["data"] == new_print
+    # Unchanged data: nothing more is set aside, nothing redone.
+    third = histossl("study", config, "--out", out)
+    assert third.returncode == 0 and "0 to run" in third.stderr and len(list((out / "stale").iterdir())) == 1
+
+
+def test_a_study_without_fingerprints_is_kept_and_a_changed_split_gets_advice_that_works(tmp_path, image_folder):
+    config = folder_config(tmp_path / "folder.yaml", image_folder)
+    out = tmp_path / "out"
+    assert histossl("study", config, "--out", out).returncode == 0
+    # Make it look like a study from before fingerprints (as the committed ones under docs/).
+    settings = json.loads((out / "split.csv.json").read_text())
+    settings.pop("data")
+    (out / "split.csv.json").write_text(json.dumps(settings))
+    stage_json = next(out.glob("pretrain/*/stage.json"))
+    stage_json.write_text(json.dumps({k: v for k, v in json.loads(stage_json.read_text()).items() if k != "data"}))
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (out / "results.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "data_fingerprint"}) + "\n" for r in lines))
+    resumed = histossl("study", config, "--out", out)
+    assert resumed.returncode == 0 and "0 to run" in resumed.stderr and not (out / "stale").exists()
+    # The data changes under it: it cannot be sorted, so the advice is a new folder, and that works.
+    (image_folder / "slide00" / "tumour" / "new.png").write_bytes(next((image_folder / "slide00" / "tumour").iterdir()).read_bytes())
+    proc = histossl("study", config, "--out", out)
+    assert proc.returncode == 1
+    line = one_error_line(proc)
+    assert "another --out" in line and "delete" not in line
+    assert histossl("study", config, "--out", tmp_path / "new").returncode == 0

@@ -418,6 +418,8 @@ def validate(config: Config) -> None:
     need(config.target in config.datasets, "target", f"{config.target!r} is not a key of datasets ({', '.join(config.datasets)})")
     for name, ds in config.datasets.items():
         need(ds.synthetic or bool(ds.path), f"datasets.{name}.path", "give a path, or synthetic: true")
+        need(not (ds.synthetic and ds.path), f"datasets.{name}",
+             f"synthetic: true and path: {ds.path!r} both given; synthetic data is generated, not read from the path: keep one")
     s = config.split
     need(0 < s.val_fraction < 1, "split.val_fraction", f"must be in (0, 1): model selection needs a validation split, got {s.val_fraction}")
     need(0 < s.test_fraction < 1, "split.test_fraction", f"must be in (0, 1), got {s.test_fraction}")

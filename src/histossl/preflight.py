@@ -87,8 +87,23 @@ def check_data(cfg: Config, out: Path, encoders: list[str] | None = None, downst
             )
 
 
+def check_out_outside_data(cfg: Config, out: Path) -> None:
+    """``--out`` inside a data folder would be indexed as part of the data (its images as a class)."""
+    where = Path(out).expanduser().resolve()
+    for name, ds in cfg.datasets.items():
+        if ds.synthetic:
+            continue
+        root = Path(ds.path).expanduser().resolve()
+        root = root.parent if root.suffix.lower() == ".csv" else root
+        if where == root or where.is_relative_to(root):
+            raise ConfigError(
+                f"--out {where} is inside the folder of data set {name!r} ({root}); the study's files would be read as "
+                "data: choose an output folder outside it"
+            )
+
+
 def check_before_work(cfg: Config, out: Path, encoders: list[str] | None = None, downstream: bool = True) -> None:
-    """Every check above, cheapest first."""
+    """Every check above but ``check_out_outside_data`` (run before the folder is locked), cheapest first."""
     check_names(cfg)
     check_trainer(cfg, out)
     check_data(cfg, out, encoders, downstream)

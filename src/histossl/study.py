@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import numpy as np
 import yaml
 
 from histossl import config as config_mod
-from histossl import preflight, provenance, records
+from histossl import preflight, provenance, records, stale
 from histossl.config import Config
 from histossl.data.cache import DecodedImages, decode_cached
 from histossl.data.sources import ImageIndex, load_index
@@ -156,9 +157,21 @@ def load_dataset(cfg: Config, name: str, out: Path, write: bool = True) -> Datas
     return Dataset(name, index, decoded)
 
 
+def split_of(cfg: Config, out: Path, index: ImageIndex) -> np.ndarray:
+    """The target's split (``split.csv``, made once); a new one keeps the data fingerprint it was made from."""
+    path = out / "split.csv"
+    made = not path.is_file()
+    split = load_or_make_split(path, index, cfg.split)
+    target_print = stale.current(out).get(cfg.target)
+    if made and target_print:
+        settings = path.with_name(path.name + ".json")
+        atomic_write_json(settings, {**json.loads(settings.read_text()), "data": target_print})
+    return split
+
+
 def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.TargetData, dict[int, dict[float, np.ndarray]]]:
     """The split (saved as split.csv, reused on every rerun) and the label subsets of each seed."""
-    split = load_or_make_split(out / "split.csv", target.index, cfg.split)
+    split = split_of(cfg, out, target.index)
     keep = target.decoded.keep
     labels = target.index.labels[keep]
     split_rows = split[keep]
@@ -202,14 +215,14 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
             rows = np.arange(len(ds.decoded.keep))
             if stage.dataset == cfg.target:  # pretext training never sees the val or test patients
                 if cfg.target not in splits:
-                    splits[cfg.target] = load_or_make_split(out / "split.csv", ds.index, cfg.split)[ds.decoded.keep]
+                    splits[cfg.target] = split_of(cfg, out, ds.index)[ds.decoded.keep]
                 rows = np.flatnonzero(splits[cfg.target] == "train")
             log.info(
                 "pretrain %s: stage %s, seed %d (%s on %s, %d images, %d epochs)",
                 name, stage.chain, stage.seed, stage.method, stage.dataset, len(rows), stage.epochs,
             )
             try:
-                pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name)
+                pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name, stale.current(out).get(stage.dataset))
             except Diverged as err:
                 raise HistosslError(
                     f"pretraining stage {stage.folder} diverged ({err}); lower pretrain.optim.lr "
@@ -288,10 +301,10 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
                 raise
             # RuntimeError "value cannot be converted to type float without overflow": an optimizer step past float range
             record = diverged_record(cfg, spec, len(labeled), str(err).splitlines()[0])
-            records.append(out / RESULTS, {**record, **provenance.record_fields()})
+            records.append(out / RESULTS, {**record, **provenance.record_fields(), "data_fingerprint": stale.current(out).get(cfg.target)})
             log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, err)
             continue
-        records.append(out / RESULTS, {**record, **provenance.record_fields()})
+        records.append(out / RESULTS, {**record, **provenance.record_fields(), "data_fingerprint": stale.current(out).get(cfg.target)})
         split = "test" if cfg.downstream.test else "val"
         log.info(
             "[%d/%d] %s: %s acc %.2f%%, balanced acc %.2f%% (%.0f s)",
@@ -338,8 +351,10 @@ def build_report(out: Path) -> Path:
 
 def run_study(cfg: Config, out: Path) -> Path:
     """The whole study; returns the path of report.md."""
+    preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
         check_config(cfg, out)
+        stale.reconcile(cfg, out)
         preflight.check_before_work(cfg, out)
         with provenance.invocation(out):
             write_config(cfg, out)
@@ -353,8 +368,10 @@ def run_study(cfg: Config, out: Path) -> Path:
 
 def run_pretrain(cfg: Config, out: Path) -> dict[str, list[Path]]:
     """Every encoder for every pretraining seed; returns each entry's encoder files, one per seed."""
+    preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
         check_config(cfg, out)
+        stale.reconcile(cfg, out)
         preflight.check_before_work(cfg, out, downstream=False)
         with provenance.invocation(out):
             write_config(cfg, out)
@@ -368,8 +385,10 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
         raise HistosslError(f"encoder file not found: {encoder_file}")
     name = encoder_file.parent.name if encoder_file.name == "encoder.safetensors" else encoder_file.stem
     stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={}, seed=cfg.seed)
+    preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
         check_config(cfg, out)
+        stale.reconcile(cfg, out)
         preflight.check_before_work(cfg, out, encoders=[])
         with provenance.invocation(out):
             write_config(cfg, out)

@@ -7,6 +7,7 @@ the same report. The markdown holds no timestamp for that reason.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -89,6 +90,7 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
         values = sorted({str(r[field]) for r in records if r.get(field)})
         if values:
             items.append(f"{label}: {', '.join(values)}")
+    items += _data_lines(out_dir, records)
     thresholds = [r["threshold"] for r in records if isinstance(r.get("threshold"), int | float)]
     if thresholds:
         items.append(f"Decision threshold chosen on the validation split for {len(thresholds)} of {len(records)} runs "
@@ -96,6 +98,28 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
                      "the others predict the most probable class")
     items.append(f"Rebuilt from the records with `histossl report {out_dir}`")
     return [Heading(1, f"histossl study report: {name}"), Bullets(tuple(items))]
+
+
+def _data_lines(out_dir: Path, records: list[dict[str, Any]]) -> list[str]:
+    """Each data set's path and fingerprint (``OUT/data.json``, written by the last command), and
+    whether the records were made from it (their ``data_fingerprint``)."""
+    try:
+        prints = json.loads((out_dir / "data.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    lines = []
+    for name, fp in prints.items() if isinstance(prints, dict) else ():
+        if not isinstance(fp, dict):
+            continue
+        made = [r.get("data_fingerprint") for r in records]
+        known = [m for m in made if isinstance(m, dict)]
+        note = ""
+        if known and name == next(iter(prints)):  # the target: the first data set listed
+            same = sum(m.get("digest") == fp.get("digest") for m in known)
+            note = f"; {same} of {len(records)} runs recorded this fingerprint" + (
+                f", {len(records) - len(known)} none (made before fingerprints)" if len(known) < len(records) else "")
+        lines.append(f"data set `{name}`: `{fp.get('path')}`, {fp.get('n_images')} images, fingerprint `{fp.get('digest')}`{note}")
+    return lines
 
 
 def _positive_class(records: list[dict[str, Any]]) -> str:

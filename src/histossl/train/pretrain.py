@@ -143,8 +143,13 @@ def resolve_init(init: str, pretrain_root: Path) -> str:
     return init
 
 
-def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, pretrain_root: Path, encoder_name: str) -> Path:
-    """Train one stage (or resume it, or skip it when its encoder exists). Returns the encoder path."""
+def run_stage(
+    cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, pretrain_root: Path, encoder_name: str, data_print: dict | None = None
+) -> Path:
+    """Train one stage (or resume it, or skip it when its encoder exists). Returns the encoder path.
+
+    ``data_print``: the fingerprint of the stage's data set, kept in ``stage.json`` (see ``histossl.stale``).
+    """
     folder = pretrain_root / stage.folder
     encoder_path = folder / "encoder.safetensors"
     if encoder_path.is_file() and (folder / "stage.json").is_file():
@@ -195,6 +200,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
                 "stem": cfg.backbone.stem,
                 "image_size": cfg.image_size,
                 "wall_s": round(time.time() - start, 1),
+                "data": data_print,
             },
         )
     return encoder_path
