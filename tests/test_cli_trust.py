@@ -311,3 +311,26 @@ def test_a_study_without_fingerprints_is_kept_and_a_changed_split_gets_advice_th
     line = one_error_line(proc)
     assert "another --out" in line and "delete" not in line
     assert histossl("study", config, "--out", tmp_path / "new").returncode == 0
+
+
+def test_init_writes_a_config_fitted_to_the_data_that_runs(tmp_path, image_folder):
+    config = tmp_path / "study.yaml"
+    proc = histossl("init", image_folder, "--out", config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = config.read_text()
+    loaded = yaml.safe_load(text)
+    assert loaded["datasets"]["target"]["path"] == str(image_folder)
+    assert loaded["image_size"] == 16  # the synthetic images are 16 px
+    assert "72 images, 3 classes" in text and "4 groups" in text
+    assert set(loaded["encoders"]) == {"rotnet", "rotnet_jitter", "simclr"}
+    assert loaded["pretrain"]["batch_size"] <= 72 * 0.6 / 2  # two batches of the train split at least
+    # Never over an existing file.
+    again = histossl("init", image_folder, "--out", config)
+    assert again.returncode == 1 and "exists" in one_error_line(again)
+    # The written config runs as a study (tiny sizes for the test).
+    tiny = ["--set", "encoders={rotnet: {method: rotnet, epochs: 1}}", "--set", "downstream.fractions=[1.0]",
+            "--set", "downstream.modes=[frozen]", "--set", "downstream.lr_schedules=[constant]",
+            "--set", "downstream.frozen_epochs=2", "--set", "trainer.progress=false"]
+    proc = histossl("study", config, "--out", tmp_path / "out", *tiny)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "report.md").is_file()

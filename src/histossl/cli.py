@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    init = sub.add_parser("init", help="write a commented study config fitted to a data set, to start from")
+    init.add_argument("data", type=Path, help="image folder or CSV manifest")
+    init.add_argument("--out", type=Path, default=Path("study.yaml"), help="config file to write (default: study.yaml)")
     demo = sub.add_parser("demo", help="the quickstart study on the embedded synthetic tissue data")
     _config_args(demo, config=False)
     study = sub.add_parser("study", help="pretraining, downstream runs and the report; rerun to resume")
@@ -72,6 +75,13 @@ def _load(args) -> tuple:
     cfg = config.load(args.config, args.overrides)
     out = args.out or Path("out") / cfg.name
     return cfg, out
+
+
+def cmd_init(args) -> None:
+    from histossl.init_config import write_init
+
+    path = write_init(args.data, args.out)
+    print(f"config: {path}\nnext: histossl study {path}")
 
 
 def cmd_demo(args) -> None:
@@ -150,6 +160,7 @@ def cmd_weights(args) -> None:
 
 
 COMMANDS = {
+    "init": cmd_init,
     "demo": cmd_demo,
     "study": cmd_study,
     "pretrain": cmd_pretrain,
