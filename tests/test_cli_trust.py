@@ -334,3 +334,56 @@ def test_init_writes_a_config_fitted_to_the_data_that_runs(tmp_path, image_folde
     proc = histossl("study", config, "--out", tmp_path / "out", *tiny)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-process runs from the command line (DDP on a CPU, gloo): rank 0 owns the folder
+
+
+DDP_SETTINGS = ["--set", "trainer.accelerator=cpu", "--set", "trainer.devices=2", "--set", "trainer.strategy=ddp"]
+
+
+def ddp_config(path: Path) -> Path:
+    # Fine-tuning runs use the user's trainer (two processes); frozen runs are single-process on rank 0.
+    return tiny_config(path, downstream__modes=["finetune", "frozen"], downstream__baselines=["random"], downstream__epochs=1)
+
+
+def run_keys(out: Path) -> list[str]:
+    return sorted(json.loads(line)["run"] for line in (out / "results.jsonl").read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("single")
+    proc = histossl("study", ddp_config(root / "tiny.yaml"), "--out", root / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_keys(root / "out")
+
+
+@pytest.mark.slow
+def test_study_with_two_ddp_devices_from_the_cli(tmp_path, one_process_runs):
+    out = tmp_path / "out"
+    proc = histossl("study", ddp_config(tmp_path / "tiny.yaml"), "--out", out, *DDP_SETTINGS, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in use by" not in proc.stderr and "Traceback" not in proc.stderr
+    assert run_keys(out) == one_process_runs  # every run once, as one process would record them
+    assert proc.stdout.count("report:") == 1 and (out / "report.md").is_file()
+    starts = [line for line in (out / "invocations.jsonl").read_text().splitlines() if '"start"' in line]
+    assert len(starts) == 1  # only rank 0 logs the command
+    # Resuming with two processes redoes nothing.
+    again = histossl("study", ddp_config(tmp_path / "tiny.yaml"), "--out", out, *DDP_SETTINGS, timeout=600)
+    assert again.returncode == 0 and "0 to run" in again.stderr and run_keys(out) == one_process_runs
+
+
+@pytest.mark.slow
+def test_study_under_torchrun_from_the_cli(tmp_path, one_process_runs):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "histossl", "study",
+         str(ddp_config(tmp_path / "tiny.yaml")), "--out", str(out), *DDP_SETTINGS],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in use by" not in proc.stderr
+    assert run_keys(out) == one_process_runs
+    assert proc.stdout.count("report:") == 1 and (out / "report.md").is_file()

@@ -96,9 +96,12 @@ def cmd_demo(args) -> None:
 def cmd_study(args) -> None:
     from histossl import study
 
+    from histossl import ranks
+
     cfg, out = _load(args)
     path = study.run_study(cfg, out)
-    print(f"{'report' if path.suffix == '.md' else 'results'}: {path}")
+    if ranks.is_owner():  # the other ranks of a multi-process run stay quiet
+        print(f"{'report' if path.suffix == '.md' else 'results'}: {path}")
 
 
 def cmd_pretrain(args) -> None:
@@ -187,7 +190,10 @@ def quiet_libraries(debug: bool, trains: bool) -> None:
     (ours and, once imported, Lightning's) rather than on a logger level that its import resets.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("histossl").setLevel(logging.DEBUG if debug else logging.INFO)
+    from histossl import ranks
+
+    # The other ranks of a multi-process run repeat rank 0's progress lines; they show only warnings.
+    logging.getLogger("histossl").setLevel(logging.DEBUG if debug else logging.INFO if ranks.is_owner() else logging.WARNING)
     if debug:
         return
     for handler in logging.getLogger().handlers:

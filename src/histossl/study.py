@@ -22,11 +22,11 @@ import numpy as np
 import yaml
 
 from histossl import config as config_mod
-from histossl import preflight, provenance, records, stale
+from histossl import preflight, provenance, ranks, records, stale
 from histossl.config import Config
 from histossl.data.cache import DecodedImages, decode_cached
 from histossl.data.sources import ImageIndex, load_index
-from histossl.data.splits import label_subsets, load_or_make_split
+from histossl.data.splits import label_subsets, load_or_make_split, make_split
 from histossl.data.synth import synthesize
 from histossl.errors import ConfigError, DataError, Diverged, HistosslError
 from histossl.io import atomic_write_json, atomic_write_text
@@ -151,7 +151,7 @@ def load_dataset(cfg: Config, name: str, out: Path, write: bool = True) -> Datas
     ds = cfg.datasets[name]
     index = load_index(dataset_path(cfg, name, out))
     decoded = decode_cached(index, cfg.image_size, cfg.cache_dir, ds.skip_unreadable, progress=cfg.trainer.progress)
-    if decoded.skipped and write:
+    if decoded.skipped and write and ranks.is_owner():
         log.warning("data set %s: skipped %d unreadable images (listed in %s)", name, len(decoded.skipped), f"skipped_{name}.txt")
         atomic_write_text(out / f"skipped_{name}.txt", "".join(f"{p}\t{why}\n" for p, why in decoded.skipped))
     return Dataset(name, index, decoded)
@@ -160,6 +160,9 @@ def load_dataset(cfg: Config, name: str, out: Path, write: bool = True) -> Datas
 def split_of(cfg: Config, out: Path, index: ImageIndex) -> np.ndarray:
     """The target's split (``split.csv``, made once); a new one keeps the data fingerprint it was made from."""
     path = out / "split.csv"
+    if not ranks.is_owner():  # rank 0 wrote it before the first fit; the split is deterministic in any case
+        return load_or_make_split(path, index, cfg.split) if path.is_file() else make_split(
+            index, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
     made = not path.is_file()
     split = load_or_make_split(path, index, cfg.split)
     target_print = stale.current(out).get(cfg.target)
@@ -182,6 +185,8 @@ def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.Tar
     data = downstream.TargetData(target.decoded.images, labels, target.index.classes, rows["train"], rows["val"], rows["test"])
     # Seed s draws subset s: every method sees the same labelled images for the same seed.
     subsets = {seed: label_subsets(labels, rows["train"], cfg.downstream.fractions, seed) for seed in cfg.downstream.seeds}
+    if not ranks.is_owner():
+        return data, subsets
     paths = [str(p.relative_to(target.index.root)) if p.is_relative_to(target.index.root) else str(p) for p in target.index.paths]
     atomic_write_json(
         out / "subsets.json",
@@ -289,8 +294,12 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     """Run every spec not yet in results.jsonl; returns how many ran now."""
     target = load_dataset(cfg, cfg.target, out)
     data, subsets = target_data(cfg, target, out)
-    done = {r.get("run") for r in records.load(out / RESULTS)}
+    done = {r.get("run") for r in records.load(out / RESULTS, repair=ranks.is_owner())}
     todo = [s for s in specs if f"downstream/{s.name}" not in done]
+    if not ranks.is_owner():  # join rank 0's multi-process fits; runs on cached features are single-process, its own
+        for spec in (s for s in todo if s.mode == "finetune"):
+            downstream.run(cfg, spec, data, subsets[spec.seed][spec.label_fraction], out / "downstream" / spec.name)
+        return 0
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
     for i, spec in enumerate(todo, 1):
         labeled = subsets[spec.seed][spec.label_fraction]
@@ -349,8 +358,29 @@ def build_report(out: Path) -> Path:
     return build(out)
 
 
+def _backend(cfg: Config) -> str:
+    """The process-group backend Lightning's DDP would choose: nccl on GPUs, gloo on CPUs."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "gloo"
+
+
+def join_study(cfg: Config, out: Path, downstream_runs: bool = True, evaluate: list[downstream.RunSpec] | None = None) -> Path:
+    """A rank other than 0: the same fits in the same order as rank 0, reading what it wrote, writing nothing."""
+    ranks.wait_for_owner(_backend(cfg))
+    if evaluate is not None:
+        run_downstream(cfg, out, evaluate)
+    else:
+        encoders = pretrain_all(cfg, out)
+        if downstream_runs:
+            run_downstream(cfg, out, run_specs(cfg, encoders, out))
+    return out / RESULTS
+
+
 def run_study(cfg: Config, out: Path) -> Path:
-    """The whole study; returns the path of report.md."""
+    """The whole study; returns the path of report.md (on ranks other than 0: of results.jsonl)."""
+    if not ranks.is_owner():
+        return join_study(cfg, out)
     preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
         check_config(cfg, out)
@@ -358,6 +388,7 @@ def run_study(cfg: Config, out: Path) -> Path:
         preflight.check_before_work(cfg, out)
         with provenance.invocation(out):
             write_config(cfg, out)
+            ranks.wait_for_owner(_backend(cfg))  # torchrun: the other ranks start now
             encoders = pretrain_all(cfg, out)
             run_downstream(cfg, out, run_specs(cfg, encoders, out))
         if not cfg.downstream.test:
@@ -368,6 +399,9 @@ def run_study(cfg: Config, out: Path) -> Path:
 
 def run_pretrain(cfg: Config, out: Path) -> dict[str, list[Path]]:
     """Every encoder for every pretraining seed; returns each entry's encoder files, one per seed."""
+    if not ranks.is_owner():
+        join_study(cfg, out, downstream_runs=False)
+        return {}
     preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
         check_config(cfg, out)
@@ -375,6 +409,7 @@ def run_pretrain(cfg: Config, out: Path) -> dict[str, list[Path]]:
         preflight.check_before_work(cfg, out, downstream=False)
         with provenance.invocation(out):
             write_config(cfg, out)
+            ranks.wait_for_owner(_backend(cfg))
             stages = pretrain_all(cfg, out)
         return {name: [out / "pretrain" / s.folder / "encoder.safetensors" for s in per_seed] for name, per_seed in stages.items()}
 
@@ -385,6 +420,13 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
         raise HistosslError(f"encoder file not found: {encoder_file}")
     name = encoder_file.parent.name if encoder_file.name == "encoder.safetensors" else encoder_file.stem
     stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={}, seed=cfg.seed)
+    specs = [
+        dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None, pretrain_seed=None)
+        for s in run_specs(cfg, {name: [stage]}, out)
+        if s.method != "supervised"
+    ]
+    if not ranks.is_owner():
+        return join_study(cfg, out, evaluate=specs)
     preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
         check_config(cfg, out)
@@ -392,10 +434,6 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
         preflight.check_before_work(cfg, out, encoders=[])
         with provenance.invocation(out):
             write_config(cfg, out)
-            specs = [
-                dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None, pretrain_seed=None)
-                for s in run_specs(cfg, {name: [stage]}, out)
-                if s.method != "supervised"
-            ]
+            ranks.wait_for_owner(_backend(cfg))
             run_downstream(cfg, out, specs)
         return build_report(out)

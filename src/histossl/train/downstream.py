@@ -259,6 +259,8 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     )
     resume = last_checkpoint(ckpt_dir)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
+    if not trainer.is_global_zero:  # another rank of a multi-process fit: rank 0 evaluates and records
+        return {}
     best_path = Path(best_checkpoint.best_model_path) if best_checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])

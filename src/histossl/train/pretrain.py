@@ -19,6 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from histossl import ranks
 from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict
 from histossl.errors import ConfigError
 from histossl.io import atomic_write_json
@@ -161,7 +162,8 @@ def run_stage(
             f"pretrain.batch_size={batch} is larger than the {len(rows)} images of data set {stage.dataset!r}"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "stage_key.json", stage.key)
+    if ranks.is_owner():
+        atomic_write_json(folder / "stage_key.json", stage.key)
     pl.seed_everything(stage.seed, workers=True, verbose=False)
     encoder = build_encoder(cfg.backbone, resolve_init(stage.init, pretrain_root))
     prepare_encoder(encoder, cfg)
