@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     from histossl import provenance
 
     provenance.set_command(sys.argv[1:] if argv is None else argv)
-    quiet_libraries(args.debug, trains=args.command in ("demo", "study", "pretrain", "evaluate"))
+    trains = args.command in ("demo", "study", "pretrain", "evaluate")
+    quiet_libraries(args.debug, trains=trains)
+    if trains:
+        from histossl.train.common import catch_interrupts
+
+        catch_interrupts()
     try:
         COMMANDS[args.command](args)
     except HistosslError as err:

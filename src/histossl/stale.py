@@ -23,7 +23,7 @@ from histossl import records
 from histossl.config import Config, encoder_chain
 from histossl.data import fingerprint as fp
 from histossl.data.sources import load_index
-from histossl.io import atomic_write_json, atomic_write_text
+from histossl.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 DATA_FILE = "data.json"
@@ -63,7 +63,7 @@ def reconcile(cfg: Config, out: Path) -> dict[str, dict]:
         _set_aside(out, stale, prints, listings)
     for name in names:
         fp.save_listing(out, name, prints[name], listings[name])
-    atomic_write_json(out / DATA_FILE, prints)
+    atomic_write_text(out / DATA_FILE, json.dumps(prints, indent=2) + "\n", durable=False)  # recomputed by every command
     return prints
 
 

@@ -47,7 +47,8 @@ def save_listing(out: Path, name: str, print_: dict, files: dict[str, tuple[int,
     """Keep the per-file listing behind a fingerprint (once per digest) for later comparisons."""
     path = Path(out) / FOLDER / f"{name}-{print_['digest']}.tsv"
     if not path.is_file():
-        atomic_write_text(path, "".join(f"{rel}\t{size}\t{mtime}\n" for rel, (size, mtime) in sorted(files.items())))
+        # durable=False: lost in a power cut, it only makes a later message less detailed
+        atomic_write_text(path, "".join(f"{rel}\t{size}\t{mtime}\n" for rel, (size, mtime) in sorted(files.items())), durable=False)
 
 
 def _load_listing(out: Path, name: str, digest: str) -> dict[str, tuple[int, int]] | None:

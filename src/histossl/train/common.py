@@ -191,6 +191,31 @@ class StopIfDiverged(Callback):
             raise Diverged(f"non-finite training loss at epoch {trainer.current_epoch + 1}, step {trainer.global_step}")
 
 
+_interrupt_requested = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupt_requested
+    _interrupt_requested = True
+    raise KeyboardInterrupt
+
+
+def catch_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: an interrupt that lands in a
+    finalizer or a callback that swallows it still stops the fit at the next batch (``StopOnInterrupt``)."""
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+class StopOnInterrupt(Callback):
+    """Raises the KeyboardInterrupt again at the end of a batch if Ctrl-C was pressed and swallowed."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if _interrupt_requested:
+            raise KeyboardInterrupt
+
+
 class _Trainer(pl.Trainer):
     """``pl.Trainer`` whose ``fit`` lets Ctrl-C through as ``KeyboardInterrupt``.
 
@@ -225,7 +250,7 @@ def make_trainer(
             strategy=cfg.strategy,
             num_nodes=cfg.num_nodes,
             max_epochs=epochs,
-            callbacks=[*callbacks, StopIfDiverged()],
+            callbacks=[*callbacks, StopIfDiverged(), StopOnInterrupt()],
             logger=False,
             default_root_dir=str(root),
             enable_progress_bar=cfg.progress,
