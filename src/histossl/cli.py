@@ -118,8 +118,12 @@ def cmd_pretrain(args) -> None:
 def cmd_evaluate(args) -> None:
     from histossl import study
 
+    from histossl import ranks
+
     cfg, out = _load(args)
-    print(f"report: {study.run_evaluate(cfg, out, args.encoder)}")
+    path = study.run_evaluate(cfg, out, args.encoder)
+    if ranks.is_owner():
+        print(f"report: {path}")
 
 
 def cmd_report(args) -> None:
