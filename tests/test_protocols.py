@@ -272,8 +272,15 @@ def test_adding_protocols_and_shots_to_a_finished_study_resumes_it(tmp_path):
 
     out = tmp_path / "grow"
     out.mkdir()
-    study.write_config(config.load(None, ["downstream.modes=[finetune]"]), out)
-    study.write_config(config.load(None, ["downstream.protocols=[finetune, linear, knn]", "downstream.shots=[5]"]), out)
+    first = config.load(None, ["downstream.modes=[finetune]"])
+    study.write_config(first, out)
+    (out / "results.jsonl").write_text('{"method": "m", "mode": "finetune", "seed": 0, "label_fraction": 0.05, "test_acc": 0.5, "run": "downstream/a"}\n')
+    grown = config.load(None, ["downstream.protocols=[finetune, linear, knn]", "downstream.shots=[5]"])
+    study.check_config(grown, out)  # only adds protocols and a budget: accepted, and it describes all the work now
+    study.write_config(grown, out)
     assert config.load(out / "config.yaml").downstream.protocols == ["finetune", "linear", "knn"]
     with pytest.raises(ConfigError, match="downstream.protocols"):  # dropping one would mix studies
-        study.write_config(config.load(None, ["downstream.protocols=[linear]"]), out)
+        study.check_config(config.load(None, ["downstream.protocols=[linear]"]), out)
+    other = config.load(None, ["downstream.protocols=[finetune, linear, knn]", "downstream.shots=[5]", "downstream.lr=0.5"])
+    study.write_config(other, out)  # never overwritten by a config that changes a recorded setting
+    assert config.load(out / "config.yaml").downstream.lr == grown.downstream.lr

@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    init = sub.add_parser("init", help="write a commented study config fitted to a data set, to start from")
+    init.add_argument("data", type=Path, help="image folder or CSV manifest")
+    init.add_argument("--out", type=Path, default=Path("study.yaml"), help="config file to write (default: study.yaml)")
     demo = sub.add_parser("demo", help="the quickstart study on the embedded synthetic tissue data")
     _config_args(demo, config=False)
     study = sub.add_parser("study", help="pretraining, downstream runs and the report; rerun to resume")
@@ -93,6 +96,13 @@ def _load(args) -> tuple:
     return cfg, out
 
 
+def cmd_init(args) -> None:
+    from histossl.init_config import write_init
+
+    path = write_init(args.data, args.out)
+    print(f"config: {path}\nnext: histossl study {path}")
+
+
 def cmd_demo(args) -> None:
     from histossl import config, study
 
@@ -105,9 +115,12 @@ def cmd_demo(args) -> None:
 def cmd_study(args) -> None:
     from histossl import study
 
+    from histossl import ranks
+
     cfg, out = _load(args)
     path = study.run_study(cfg, out)
-    print(f"{'report' if path.suffix == '.md' else 'results'}: {path}")
+    if ranks.is_owner():  # the other ranks of a multi-process run stay quiet
+        print(f"{'report' if path.suffix == '.md' else 'results'}: {path}")
 
 
 def cmd_pretrain(args) -> None:
@@ -124,8 +137,12 @@ def cmd_pretrain(args) -> None:
 def cmd_evaluate(args) -> None:
     from histossl import study
 
+    from histossl import ranks
+
     cfg, out = _load(args)
-    print(f"report: {study.run_evaluate(cfg, out, args.encoder)}")
+    path = study.run_evaluate(cfg, out, args.encoder)
+    if ranks.is_owner():
+        print(f"report: {path}")
 
 
 def cmd_report(args) -> None:
@@ -188,6 +205,7 @@ def cmd_weights(args) -> None:
 
 
 COMMANDS = {
+    "init": cmd_init,
     "demo": cmd_demo,
     "study": cmd_study,
     "pretrain": cmd_pretrain,
@@ -215,7 +233,10 @@ def quiet_libraries(debug: bool, trains: bool) -> None:
     (ours and, once imported, Lightning's) rather than on a logger level that its import resets.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("histossl").setLevel(logging.DEBUG if debug else logging.INFO)
+    from histossl import ranks
+
+    # The other ranks of a multi-process run repeat rank 0's progress lines; they show only warnings.
+    logging.getLogger("histossl").setLevel(logging.DEBUG if debug else logging.INFO if ranks.is_owner() else logging.WARNING)
     if debug:
         return
     for handler in logging.getLogger().handlers:
@@ -237,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     from histossl import provenance
 
     provenance.set_command(sys.argv[1:] if argv is None else argv)
-    quiet_libraries(args.debug, trains=args.command in ("demo", "study", "pretrain", "evaluate"))
+    trains = args.command in ("demo", "study", "pretrain", "evaluate")
+    quiet_libraries(args.debug, trains=trains)
+    if trains:
+        from histossl.train.common import catch_interrupts
+
+        catch_interrupts()
     try:
         COMMANDS[args.command](args)
     except HistosslError as err:

@@ -9,6 +9,7 @@ chain names) are computed by the code that needs them, never written back.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -401,14 +402,38 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        data = parse_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data = apply_overrides(data, overrides or [])
     return from_dict(data)
+
+
+def parse_yaml(path: Path) -> Any:
+    """The YAML file at ``path`` as plain data; a ConfigError naming the file (and line, column) if it is not."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is fine
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_error(err)})") from None
+
+
+def yaml_error(err: yaml.YAMLError) -> str:
+    """``line 3, column 1: found character '\\t' that cannot start any token``: where and what."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def save(config: Config, path: str | Path) -> None:
@@ -456,6 +481,8 @@ def validate(config: Config) -> None:
     for name, ds in config.datasets.items():
         need(ds.synthetic or bool(ds.path), f"datasets.{name}.path", "give a path, or synthetic: true")
         _validate_dataset(config, name, ds)
+        need(not (ds.synthetic and ds.path), f"datasets.{name}",
+             f"synthetic: true and path: {ds.path!r} both given; synthetic data is generated, not read from the path: keep one")
     s = config.split
     need(0 < s.val_fraction < 1, "split.val_fraction", f"must be in (0, 1): model selection needs a validation split, got {s.val_fraction}")
     need(0 < s.test_fraction < 1, "split.test_fraction", f"must be in (0, 1), got {s.test_fraction}")
@@ -508,3 +535,40 @@ def validate(config: Config) -> None:
         need(b in ("random", "imagenet") or Path(b).suffix in (".pth", ".pt", ".safetensors"),
              "downstream.baselines", f"{b!r}: expected random, imagenet or a weights file")
     need(config.trainer.num_workers >= 0, "trainer.num_workers", "must be >= 0")
+    check_numbers(config)
+
+
+# Numbers that may be 0 or more but not reach 1: a probability of dropping is below 1, a momentum of 1 never learns.
+_BELOW_ONE = ("dropout", "momentum")
+
+
+def check_numbers(config: Any, key: str = "") -> None:
+    """Every number in the tree is finite and not negative; probabilities are at most 1.
+
+    No setting of histossl takes a negative number (seeds included: numpy refuses them), so one walk
+    catches ``lr=.inf``, ``weight_decay=-5`` and ``encoder_lr_scale=.nan`` wherever they are given,
+    including keys added later.
+    """
+    if dataclasses.is_dataclass(config):
+        for f in dataclasses.fields(config):
+            check_numbers(getattr(config, f.name), f"{key}.{f.name}" if key else f.name)
+        return
+    if isinstance(config, dict):
+        for k, v in config.items():
+            check_numbers(v, f"{key}.{k}")
+        return
+    if isinstance(config, list):
+        for v in config:
+            check_numbers(v, key)
+        return
+    if isinstance(config, bool) or not isinstance(config, (int, float)):
+        return
+    name = key.rsplit(".", 1)[-1]
+    if not math.isfinite(config):
+        raise ConfigError(f"{key}: must be a finite number, got {config}")
+    if config < 0:
+        raise ConfigError(f"{key}: must not be negative, got {config}")
+    if name.endswith("_prob") and config > 1:
+        raise ConfigError(f"{key}: a probability must be in [0, 1], got {config}")
+    if name in _BELOW_ONE and config >= 1:
+        raise ConfigError(f"{key}: must be in [0, 1), got {config}")

@@ -18,3 +18,11 @@ class ConfigError(HistosslError):
 
 class DataError(HistosslError):
     """A data set that cannot be used as asked: missing path, unreadable image, class too small."""
+
+
+class Diverged(HistosslError):
+    """Training produced a non-finite loss or non-finite outputs (an lr too large, an exploding run).
+
+    A downstream run that diverges is recorded as such and the study goes on; a pretraining stage
+    that diverges stops the study, naming the stage.
+    """

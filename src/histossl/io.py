@@ -1,4 +1,9 @@
-"""Crash-safe file writing: write under a temporary name in the same folder, fsync, rename."""
+"""Crash-safe file writing: write under a temporary name in the same folder, fsync, rename.
+
+``tempfile.mkstemp`` creates its file with mode 0600 and ``mkdtemp`` its folder with 0700, whatever
+the user's umask; renamed into place they would be unreadable by the user's group. ``apply_umask``
+gives them the mode ``open`` would have given (0644 / 0755 under the usual umask 022).
+"""
 
 import json
 import os
@@ -6,6 +11,17 @@ import tempfile
 from pathlib import Path
 
 from histossl.errors import HistosslError
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; set it straight back
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path, folder: bool = False) -> None:
+    """Give a file (``0o666``) or folder (``0o777``) made by ``tempfile`` the mode the umask allows."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
@@ -16,6 +32,7 @@ def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     except OSError as err:
         raise HistosslError(f"cannot write {path}: {err.strerror}") from None
     try:
+        apply_umask(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, log_loss, roc_auc_score, roc_curve
 
+from histossl.errors import Diverged
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
@@ -31,9 +33,15 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_classes: in
             (see ``best_threshold``); None: the most probable class.
 
     AUROC is NaN when fewer than two classes are present in ``labels``.
+
+    Raises:
+        Diverged: Some logits are NaN or infinite.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    probs = softmax(np.asarray(logits, dtype=np.float64))
+    logits = np.asarray(logits, dtype=np.float64)
+    if not np.isfinite(logits).all():  # weights gone to NaN/inf: no metric means anything (sklearn would raise)
+        raise Diverged(f"{int((~np.isfinite(logits).any(1)).sum())} of {len(logits)} outputs are not finite")
+    probs = softmax(logits)
     pred = decisions(logits, threshold)
     classes = list(range(n_classes))
     present = np.unique(labels)

@@ -85,6 +85,7 @@ class RunRecord:
     device: str | None = None
     torch_version: str | None = None
     histossl_version: str | None = None
+    data_fingerprint: dict[str, Any] | None = None  # the target's fingerprint when the run was made (``stale.py``)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
     read_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # the keys a read record had
 
@@ -174,9 +175,9 @@ def read_dicts(out_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return [r.to_dict() for r in found], problems
 
 
-def finished_runs(path: Path) -> set[str]:
-    """The ``run`` of every complete record in a results file (repairing a torn last line)."""
-    return {r.get("run") for r in load(path) if r.get("run")}
+def finished_runs(path: Path, repair: bool = True) -> set[str]:
+    """The ``run`` of every complete record in a results file (repairing a torn last line if ``repair``)."""
+    return {r.get("run") for r in load(path, repair=repair) if r.get("run")}
 
 
 def _clean(value):

@@ -11,6 +11,7 @@ import dataclasses
 import fcntl
 import hashlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -22,13 +23,13 @@ import numpy as np
 import yaml
 
 from histossl import config as config_mod
-from histossl import features, provenance, records
+from histossl import features, preflight, provenance, ranks, records, stale
 from histossl.config import Config
 from histossl.data.cache import DecodedImages, cache_key, decode_cached
 from histossl.data.sources import ImageIndex, load_index
-from histossl.data.splits import label_subsets, labels_per_class, load_or_make_split, shot_subsets
+from histossl.data.splits import label_subsets, labels_per_class, load_or_make_split, make_split, shot_subsets
 from histossl.data.synth import synthesize
-from histossl.errors import ConfigError, DataError, HistosslError
+from histossl.errors import ConfigError, DataError, Diverged, HistosslError
 from histossl.io import atomic_write_json, atomic_write_text
 from histossl.models.backbones import imagenet_weights_path
 from histossl.train import downstream, pretrain
@@ -64,7 +65,42 @@ def study_lock(out: Path) -> Iterator[None]:
 
 
 def write_config(cfg: Config, out: Path) -> None:
-    """Save the resolved config; refuse to mix records of a different study into one folder."""
+    """Save the resolved config, unless the folder already holds work made with its ``config.yaml``.
+
+    Call ``check_config`` (and the other checks) first: a config is written only once it is known to run.
+    Hardware settings (``trainer``) and ``name`` may differ when a study is resumed elsewhere; the
+    config.yaml that made the recorded work is kept then (each command's own line is in invocations.jsonl).
+    A config that only adds protocols, fractions or shots replaces it: it describes all the work.
+    """
+    path = out / "config.yaml"
+    if path.is_file() and _has_work(out):
+        new, old = config_mod.to_dict(cfg), _old_config(path)
+        hardware = ("trainer", "name")
+        grown = _accept_added_budgets_and_protocols(old, new)
+        if old and grown != old and all(grown.get(k) == new.get(k) for k in new if k not in hardware):
+            config_mod.save(cfg, path)  # only protocols or budgets added: the recorded work stays valid
+            return
+        if new != old:
+            log.info("%s kept: it made the work already in %s (this command's settings are in %s)", path, out, provenance.INVOCATIONS)
+        return
+    config_mod.save(cfg, path)
+
+
+def _has_work(out: Path) -> bool:
+    """Whether a downstream run was recorded or a pretraining stage finished in ``out``."""
+    return bool(records.load(out / RESULTS, repair=False)) or any((out / "pretrain").glob("*/stage.json"))
+
+
+def _old_config(path: Path) -> dict:
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return config_mod.to_dict(config_mod.from_dict(old))
+    except (yaml.YAMLError, UnicodeDecodeError, HistosslError, AttributeError, TypeError):
+        return {}
+
+
+def check_config(cfg: Config, out: Path) -> None:
+    """Refuse to mix records of a different study into one folder (compares with ``out/config.yaml``)."""
     path = out / "config.yaml"
     new = config_mod.to_dict(cfg)
     if path.is_file():
@@ -87,7 +123,6 @@ def write_config(cfg: Config, out: Path) -> None:
                 f"{out} holds a study made with another config (first difference at {diff}); "
                 "rerun with the same config to resume, or choose another --out"
             )
-    config_mod.save(cfg, path)
 
 
 def _accept_added_budgets_and_protocols(old: dict, new: dict) -> dict:
@@ -136,8 +171,11 @@ def dataset_path(cfg: Config, name: str, out: Path) -> Path:
     return Path(ds.path).expanduser()
 
 
-def load_dataset(cfg: Config, name: str, out: Path) -> Dataset:
-    """Index and decode one data set (once: the decoded cache is reused across runs and studies)."""
+def load_dataset(cfg: Config, name: str, out: Path, write: bool = True) -> Dataset:
+    """Index and decode one data set (once: the decoded cache is reused across runs and studies).
+
+    ``write=False`` (the checks before work starts) leaves the list of skipped images unwritten.
+    """
     ds = cfg.datasets[name]
     index = load_index(dataset_path(cfg, name, out), labels=ds.labels)
     decoded = decode_cached(
@@ -147,10 +185,25 @@ def load_dataset(cfg: Config, name: str, out: Path) -> Dataset:
     if ds.stain_normalization is not None:
         log.info("data set %s: %s stain normalisation to %s; %d images kept unnormalised (background or a single colour)",
                  name, ds.stain_normalization.method, ds.stain_normalization.reference, decoded.stain_fallbacks)
-    if decoded.skipped:
+    if decoded.skipped and write and ranks.is_owner():
         log.warning("data set %s: skipped %d unreadable images (listed in %s)", name, len(decoded.skipped), f"skipped_{name}.txt")
         atomic_write_text(out / f"skipped_{name}.txt", "".join(f"{p}\t{why}\n" for p, why in decoded.skipped))
     return Dataset(name, index, decoded)
+
+
+def split_of(cfg: Config, out: Path, index: ImageIndex) -> np.ndarray:
+    """The target's split (``split.csv``, made once); a new one keeps the data fingerprint it was made from."""
+    path = out / "split.csv"
+    if not ranks.is_owner():  # rank 0 wrote it before the first fit; the split is deterministic in any case
+        return load_or_make_split(path, index, cfg.split) if path.is_file() else make_split(
+            index, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
+    made = not path.is_file()
+    split = load_or_make_split(path, index, cfg.split)
+    target_print = stale.current(out).get(cfg.target)
+    if made and target_print:
+        settings = path.with_name(path.name + ".json")
+        atomic_write_json(settings, {**json.loads(settings.read_text()), "data": target_print})
+    return split
 
 
 def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.TargetData, dict[int, dict]]:
@@ -163,7 +216,7 @@ def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.Tar
     """
     from histossl.protocols import PROTOCOLS
 
-    split = load_or_make_split(out / "split.csv", target.index, cfg.split)
+    split = split_of(cfg, out, target.index)
     keep = target.decoded.keep
     labels = target.index.labels[keep]
     split_rows = split[keep]
@@ -187,6 +240,9 @@ def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.Tar
         subsets[seed] = dict(label_subsets(labels, rows["train"], cfg.downstream.fractions, seed))
         for k, idx in shot_subsets(labels, rows["train"], cfg.downstream.shots, seed, classes).items():
             subsets[seed][("shots", k)] = idx
+
+    if not ranks.is_owner():  # rank 0 writes subsets.json
+        return data, subsets
 
     def name(budget) -> str:
         return f"{budget[1]}-shot" if isinstance(budget, tuple) else str(budget)
@@ -226,13 +282,19 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
             rows = np.arange(len(ds.decoded.keep))  # a data set other than the target: every image (labelled or not)
             if stage.dataset == cfg.target:  # pretext training never sees the val or test patients
                 if cfg.target not in splits:
-                    splits[cfg.target] = load_or_make_split(out / "split.csv", ds.index, cfg.split)[ds.decoded.keep]
+                    splits[cfg.target] = split_of(cfg, out, ds.index)[ds.decoded.keep]
                 rows = np.flatnonzero(splits[cfg.target] == "train")
             log.info(
                 "pretrain %s: stage %s, seed %d (%s on %s, %d images, %d epochs)",
                 name, stage.chain, stage.seed, stage.method, stage.dataset, len(rows), stage.epochs,
             )
-            pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name)
+            try:
+                pretrain.run_stage(cfg, stage, ds.decoded.images, rows, out / "pretrain", name, stale.current(out).get(stage.dataset))
+            except Diverged as err:
+                raise HistosslError(
+                    f"pretraining stage {stage.folder} diverged ({err}); lower pretrain.optim.lr "
+                    f"(now {cfg.pretrain.optim.lr:g}) and rerun"
+                ) from None
     return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
 
 
@@ -316,15 +378,30 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
 
     target = load_dataset(cfg, cfg.target, out)
     data, subsets = target_data(cfg, target, out)
-    done = records.finished_runs(out / RESULTS)
+    done = records.finished_runs(out / RESULTS, repair=ranks.is_owner())
     todo = [s for s in specs if f"downstream/{s.name}" not in done]
+    if not ranks.is_owner():  # join rank 0's multi-process fits; runs on cached features are single-process, its own
+        for spec in (s for s in todo if PROTOCOLS.get(s.protocol).trains_encoder):
+            downstream.run(cfg, spec, data, subsets[spec.seed][spec.budget], out / "downstream" / spec.name)
+        return 0
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
     for i, spec in enumerate(todo, 1):
+        labeled = subsets[spec.seed][spec.budget]
         stored = None
         if PROTOCOLS.get(spec.protocol).uses_features:
             stored = features.features(cfg, Path(spec.init), data.images, out / features.FOLDER, data.key)
-        record = downstream.run(cfg, spec, data, subsets[spec.seed][spec.budget], out / "downstream" / spec.name, stored)
-        record = dataclasses.replace(record, **provenance.record_fields())
+        fingerprint = stale.current(out).get(cfg.target)
+        try:
+            record = downstream.run(cfg, spec, data, labeled, out / "downstream" / spec.name, stored)
+        except (Diverged, RuntimeError) as err:  # recorded, so a rerun does not repeat it; the report flags it
+            if not isinstance(err, Diverged) and "overflow" not in str(err):
+                raise
+            # RuntimeError "value cannot be converted to type float without overflow": an optimizer step past float range
+            diverged = diverged_record(cfg, spec, len(labeled), str(err).splitlines()[0])
+            records.append(out / RESULTS, {**diverged, **provenance.record_fields(), "data_fingerprint": fingerprint})
+            log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, err)
+            continue
+        record = dataclasses.replace(record, **provenance.record_fields(), data_fingerprint=fingerprint)
         records.append(out / RESULTS, record)
         split = "test" if cfg.downstream.test else "val"
         log.info(
@@ -335,17 +412,75 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     return len(todo)
 
 
+def diverged_record(cfg: Config, spec: downstream.RunSpec, n_labeled: int, reason: str) -> dict:
+    """The results.jsonl record of a run that diverged: its settings, ``status: diverged``, metrics null."""
+    metrics = ("loss", "acc", "balanced_acc", "macro_f1", "auroc")
+    return {
+        "method": spec.method,
+        "pretrain_chain": spec.pretrain_chain,
+        "protocol": spec.protocol,
+        "mode": spec.protocol,
+        "label_fraction": spec.label_fraction,
+        "shots": spec.shots,
+        "n_labeled": int(n_labeled),
+        "lr": downstream.run_lr(cfg, spec.lr_schedule) if spec.lr_schedule else None,
+        "lr_schedule": spec.lr_schedule,
+        "seed": spec.seed,
+        "status": "diverged",
+        "diverged": reason,
+        **{f"test_{m}": None for m in metrics},
+        **{f"val_{m}": None for m in metrics if m != "macro_f1"},
+        "encoder": spec.encoder,
+        "run": f"downstream/{spec.name}",
+        "pretrain_dir": spec.pretrain_dir,
+        "pretrain_seed": spec.pretrain_seed,
+        "init": spec.init,
+        "head": cfg.downstream.head,
+        "backbone": cfg.backbone.name,
+        "image_size": cfg.image_size,
+        "encoder_lr_scale": cfg.downstream.encoder_lr_scale,
+        "weight_decay": cfg.downstream.weight_decay,
+        "config": "config.yaml",
+    }
+
+
 def build_report(out: Path) -> Path:
     from histossl.report import build_report as build
 
     return build(out)
 
 
+def _backend(cfg: Config) -> str:
+    """The process-group backend Lightning's DDP would choose: nccl on GPUs, gloo on CPUs."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "gloo"
+
+
+def join_study(cfg: Config, out: Path, downstream_runs: bool = True, evaluate: list[downstream.RunSpec] | None = None) -> Path:
+    """A rank other than 0: the same fits in the same order as rank 0, reading what it wrote, writing nothing."""
+    ranks.wait_for_owner(_backend(cfg))
+    if evaluate is not None:
+        run_downstream(cfg, out, evaluate)
+    else:
+        encoders = pretrain_all(cfg, out)
+        if downstream_runs:
+            run_downstream(cfg, out, run_specs(cfg, encoders, out))
+    return out / RESULTS
+
+
 def run_study(cfg: Config, out: Path) -> Path:
-    """The whole study; returns the path of report.md."""
+    """The whole study; returns the path of report.md (on ranks other than 0: of results.jsonl)."""
+    if not ranks.is_owner():
+        return join_study(cfg, out)
+    preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
+        check_config(cfg, out)
+        stale.reconcile(cfg, out)
+        preflight.check_before_work(cfg, out)
         with provenance.invocation(out):
             write_config(cfg, out)
+            ranks.wait_for_owner(_backend(cfg))  # torchrun: the other ranks start now
             target_data(cfg, load_dataset(cfg, cfg.target, out), out)  # bad budgets fail now, not after pretraining
             encoders = pretrain_all(cfg, out)
             run_downstream(cfg, out, run_specs(cfg, encoders, out))
@@ -357,9 +492,18 @@ def run_study(cfg: Config, out: Path) -> Path:
 
 def run_pretrain(cfg: Config, out: Path) -> dict[str, list[Path]]:
     """Every encoder for every pretraining seed; returns each entry's encoder files, one per seed."""
-    with study_lock(out), provenance.invocation(out):
-        write_config(cfg, out)
-        stages = pretrain_all(cfg, out)
+    if not ranks.is_owner():
+        join_study(cfg, out, downstream_runs=False)
+        return {}
+    preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
+    with study_lock(out):
+        check_config(cfg, out)
+        stale.reconcile(cfg, out)
+        preflight.check_before_work(cfg, out, downstream=False)
+        with provenance.invocation(out):
+            write_config(cfg, out)
+            ranks.wait_for_owner(_backend(cfg))
+            stages = pretrain_all(cfg, out)
         return {name: [out / "pretrain" / s.folder / "encoder.safetensors" for s in per_seed] for name, per_seed in stages.items()}
 
 
@@ -369,13 +513,20 @@ def run_evaluate(cfg: Config, out: Path, encoder_file: Path) -> Path:
         raise HistosslError(f"encoder file not found: {encoder_file}")
     name = encoder_file.parent.name if encoder_file.name == "encoder.safetensors" else encoder_file.stem
     stage = pretrain.Stage(folder="", method="external", dataset="", epochs=0, init=str(encoder_file), chain=name, key={}, seed=cfg.seed)
+    specs = [
+        dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None, pretrain_seed=None)
+        for s in run_specs(cfg, {name: [stage]}, out)
+        if s.method != "supervised"
+    ]
+    if not ranks.is_owner():
+        return join_study(cfg, out, evaluate=specs)
+    preflight.check_out_outside_data(cfg, out)  # before the lock file is made in it
     with study_lock(out):
+        check_config(cfg, out)
+        stale.reconcile(cfg, out)
+        preflight.check_before_work(cfg, out, encoders=[])
         with provenance.invocation(out):
             write_config(cfg, out)
-            specs = [
-                dataclasses.replace(s, init=str(encoder_file.resolve()), pretrain_dir=None, pretrain_seed=None)
-                for s in run_specs(cfg, {name: [stage]}, out)
-                if s.method != "supervised"
-            ]
+            ranks.wait_for_owner(_backend(cfg))
             run_downstream(cfg, out, specs)
         return build_report(out)

@@ -32,6 +32,7 @@ from PIL import Image
 from histossl.data import sources, stain
 from histossl.data.sources import ImageIndex, UnreadableImage
 from histossl.errors import DataError
+from histossl.io import apply_umask
 
 # Bump when the decoded pixels would change (resize filter, crop rule, colour conversion).
 RESIZE_VERSION = "shorter-side-bicubic-centre-crop-v1"

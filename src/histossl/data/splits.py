@@ -225,7 +225,10 @@ def load_or_make_split(path: Path, index: ImageIndex, cfg: SplitConfig) -> np.nd
         settings = {"from_manifest": True}
     settings_path = path.with_name(path.name + ".json")
     if path.is_file():
-        if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+        if isinstance(saved, dict):
+            saved.pop("data", None)  # the data fingerprint the study keeps beside the settings (histossl.stale)
+        if saved is not None and saved != settings:
             raise DataError(
                 f"{path} was made with other split settings than {settings}; "
                 f"delete it (and {settings_path.name}) to make a new split"
@@ -238,7 +241,10 @@ def load_or_make_split(path: Path, index: ImageIndex, cfg: SplitConfig) -> np.nd
 
 
 def _read_split(path: Path, index: ImageIndex) -> np.ndarray:
-    changed = f"the data set at {index.root} changed since {path} was made; delete {path} to make a new split"
+    # A split without a data fingerprint (histossl.stale sets aside what changed data made) comes from
+    # a study whose results cannot be told apart by data: deleting split.csv would reuse its encoders.
+    changed = (f"the data set at {index.root} changed since {path} was made, and this study predates data "
+               f"fingerprints, so its results cannot be sorted into old and new data; start a new study with another --out")
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from histossl.config import SynthConfig, to_dict
 from histossl.errors import DataError
+from histossl.io import apply_umask
 
 # Ruifrok & Johnston (2001) optical-density vectors (R, G, B) of haematoxylin and eosin.
 HAEMATOXYLIN_OD = np.array([0.650, 0.704, 0.286])
@@ -485,6 +486,7 @@ def synthesize(out_dir: Path, cfg: SynthConfig, progress: bool = False) -> Path:
             )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    apply_umask(tmp, folder=True)
     try:
         _generate(tmp, cfg, progress)
         try:

@@ -19,6 +19,7 @@ from torch import nn
 
 from histossl.config import BackboneConfig
 from histossl.errors import ConfigError, HistosslError
+from histossl.io import apply_umask
 from histossl.registry import Registry
 
 BACKBONES: Registry[str] = Registry("backbone")
@@ -137,4 +138,5 @@ def save_encoder(encoder: Encoder, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(encoder.torchvision_state_dict(), str(tmp), metadata={"backbone": encoder.name, "stem": encoder.stem})
+    apply_umask(tmp)  # safetensors creates the file 0600
     os.replace(tmp, path)

@@ -69,7 +69,8 @@ class Protocol:
     needs_validation: ClassVar[bool] = True  # chooses on the validation split
     has_loss: ClassVar[bool] = True  # its scores are probabilities a cross-entropy means something for
 
-    def fit(self, job: Job) -> Fitted:  # pragma: no cover - abstract
+    def fit(self, job: Job) -> Fitted | None:  # pragma: no cover - abstract
+        """Fit on ``job.labeled``; None only on a rank other than 0 of a multi-process fit."""
         raise NotImplementedError
 
 

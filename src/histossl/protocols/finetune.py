@@ -42,6 +42,8 @@ class Finetune(Protocol):
         epochs, val_every, batches = finetune_epochs(d, len(train_loader))
         trained = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, val_every, batches,
                                  early_stopping=d.steps is None)
+        if trained is None:  # a rank other than 0 of a multi-process fit
+            return None
 
         def logits(rows: np.ndarray) -> np.ndarray:
             return predict(module, data.images, rows)

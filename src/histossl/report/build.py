@@ -7,6 +7,7 @@ the same report. The markdown holds no timestamp for that reason.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -21,7 +22,7 @@ from histossl.io import atomic_write_bytes, atomic_write_text
 from histossl.report import figures as draw
 from histossl.report import verdict
 from histossl.report.document import Block, Bullets, Cell, Figure, Heading, Paragraph, Table, to_markdown
-from histossl.report.flags import Flag, find_flags, pretext_left_chance
+from histossl.report.flags import Flag, find_flags, is_diverged, pretext_left_chance
 from histossl.report.html import to_html
 from histossl.report.records import Problem, Stage, load_stages, read_metrics_csv, read_records
 from histossl.report.tables import (
@@ -98,6 +99,7 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
         values = sorted({str(r[field]) for r in records if r.get(field)})
         if values:
             items.append(f"{label}: {', '.join(values)}")
+    items += _data_lines(out_dir, records)
     thresholds = [r["threshold"] for r in records if isinstance(r.get("threshold"), int | float)]
     if thresholds:
         items.append(f"Decision threshold chosen on the validation split for {len(thresholds)} of {len(records)} runs "
@@ -105,6 +107,28 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
                      "the others predict the most probable class")
     items.append(f"Rebuilt from the records with `histossl report {out_dir}`")
     return [Heading(1, f"histossl study report: {name}"), Bullets(tuple(items))]
+
+
+def _data_lines(out_dir: Path, records: list[dict[str, Any]]) -> list[str]:
+    """Each data set's path and fingerprint (``OUT/data.json``, written by the last command), and
+    whether the records were made from it (their ``data_fingerprint``)."""
+    try:
+        prints = json.loads((out_dir / "data.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    lines = []
+    for name, fp in prints.items() if isinstance(prints, dict) else ():
+        if not isinstance(fp, dict):
+            continue
+        made = [r.get("data_fingerprint") for r in records]
+        known = [m for m in made if isinstance(m, dict)]
+        note = ""
+        if known and name == next(iter(prints)):  # the target: the first data set listed
+            same = sum(m.get("digest") == fp.get("digest") for m in known)
+            note = f"; {same} of {len(records)} runs recorded this fingerprint" + (
+                f", {len(records) - len(known)} none (made before fingerprints)" if len(known) < len(records) else "")
+        lines.append(f"data set `{name}`: `{fp.get('path')}`, {fp.get('n_images')} images, fingerprint `{fp.get('digest')}`{note}")
+    return lines
 
 
 def _positive_class(records: list[dict[str, Any]]) -> str:
@@ -239,8 +263,9 @@ def compose(out_dir: Path, draw_figures: bool = True) -> tuple[list[Block], list
     """
     records, problems = read_records(out_dir)
     stages = load_stages(out_dir)
-    agg = aggregate(records)
     flags = find_flags(records, stages)
+    records = [r for r in records if not is_diverged(r)]  # flagged above; no metrics for the tables
+    agg = aggregate(records)
     users = _stage_users(records, stages)
     flagged_runs = {run for f in flags if f.kind not in ("pretext_chance", "embedding_collapsed") for run in f.runs}
     suspicious = {e for f in flags if f.stage for e in users.get(f.stage, [])}

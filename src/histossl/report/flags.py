@@ -36,7 +36,7 @@ COLLAPSE_EFFECTIVE_RANK = 1.5
 class Flag:
     """A warning for the reader. ``runs`` are downstream run folders; ``stage`` a pretraining stage."""
 
-    kind: str  # "collapsed" | "pretext_chance" | "embedding_collapsed" | "identical" | "few_labels" | "hit_maximum"
+    kind: str  # "diverged" | "collapsed" | "pretext_chance" | "embedding_collapsed" | "identical" | "few_labels" | "hit_maximum"
     message: str
     runs: tuple[str, ...] = ()
     stage: str | None = None
@@ -208,8 +208,25 @@ def hit_maximum(records: list[dict[str, Any]]) -> list[Flag]:
                  "`downstream.frozen_epochs` (heads on frozen features).", tuple(runs))]
 
 
+def is_diverged(record: dict[str, Any]) -> bool:
+    """A run recorded as diverged (non-finite loss or outputs): it has settings but no metrics."""
+    return record.get("status") == "diverged"
+
+
+def diverged_runs(records: list[dict[str, Any]]) -> list[Flag]:
+    """One flag per diverged run, with the settings that made it diverge; such runs are left out of the tables."""
+    flags = []
+    for record in sorted((r for r in records if is_diverged(r)), key=lambda r: str(r.get("run"))):
+        run = str(record.get("run") or record.get("encoder"))
+        settings = f"lr {record.get('lr')}, {record.get('lr_schedule')} schedule, {record.get('mode')}"
+        flags.append(Flag("diverged", f"Diverged downstream run `{run}` ({settings}): {record.get('diverged') or 'non-finite loss'}; "
+                                      "left out of the tables.", (run,)))
+    return flags
+
+
 def find_flags(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
-    """All warnings, in a stable order: collapsed runs, pretext tasks at chance, collapsed encoders, identical
-    results, too few labels, starved runs."""
-    return (collapsed_runs(records) + pretext_at_chance(stages) + collapsed_encoders(stages) + identical_results(records)
-            + few_labels(records) + hit_maximum(records))
+    """All warnings, in a stable order: diverged runs, collapsed runs, pretext tasks at chance, collapsed
+    encoders, identical results, too few labels, starved runs."""
+    done = [r for r in records if not is_diverged(r)]
+    return (diverged_runs(records) + collapsed_runs(done) + pretext_at_chance(stages) + collapsed_encoders(stages)
+            + identical_results(done) + few_labels(done) + hit_maximum(done))

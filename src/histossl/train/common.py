@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from histossl.config import TrainerConfig
-from histossl.errors import ConfigError, HistosslError
+from histossl.errors import ConfigError, Diverged, HistosslError
 from histossl.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,65 @@ def _devices(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+class StopIfDiverged(Callback):
+    """Stops a fit at the first non-finite training loss (on any process) by raising ``Diverged``.
+
+    Training on after a NaN only produces NaN weights, and scikit-learn would later refuse their
+    outputs ("Input contains NaN"). Under DDP the decision is all-reduced so every process stops at
+    the same step instead of one waiting forever on the others' gradients.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise Diverged(f"non-finite training loss at epoch {trainer.current_epoch + 1}, step {trainer.global_step}")
+
+
+_interrupt_requested = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupt_requested
+    _interrupt_requested = True
+    raise KeyboardInterrupt
+
+
+def catch_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: an interrupt that lands in a
+    finalizer or a callback that swallows it still stops the fit at the next batch (``StopOnInterrupt``)."""
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+class StopOnInterrupt(Callback):
+    """Raises the KeyboardInterrupt again at the end of a batch if Ctrl-C was pressed and swallowed."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if _interrupt_requested:
+            raise KeyboardInterrupt
+
+
+class _Trainer(pl.Trainer):
+    """``pl.Trainer`` whose ``fit`` lets Ctrl-C through as ``KeyboardInterrupt``.
+
+    Lightning catches KeyboardInterrupt, shuts down gracefully and then calls ``sys.exit(1)``
+    (pytorch_lightning/trainer/call.py); the CLI turns the re-raised interrupt into its
+    ``interrupted; rerun the same command to resume`` line and exit code 130.
+    """
+
+    def fit(self, *args, **kwargs) -> None:
+        try:
+            super().fit(*args, **kwargs)
+        except SystemExit:
+            if self.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        if self.interrupted:  # versions that return instead of exiting
+            raise KeyboardInterrupt
+
+
 def make_trainer(
     cfg: TrainerConfig, epochs: int, callbacks: list[Callback], root: Path, validate: bool, val_every: int = 1, train_batches: int | None = None
 ) -> pl.Trainer:
@@ -184,14 +243,14 @@ def make_trainer(
     It validates every ``val_every`` epochs; ``train_batches`` caps the batches of an epoch (None: all).
     """
     try:
-        return pl.Trainer(
+        return _Trainer(
             accelerator=cfg.accelerator,
             devices=_devices(cfg.devices),
             precision=cfg.precision,
             strategy=cfg.strategy,
             num_nodes=cfg.num_nodes,
             max_epochs=epochs,
-            callbacks=callbacks,
+            callbacks=[*callbacks, StopIfDiverged(), StopOnInterrupt()],
             logger=False,
             default_root_dir=str(root),
             enable_progress_bar=cfg.progress,
@@ -202,8 +261,10 @@ def make_trainer(
             limit_train_batches=1.0 if train_batches is None else train_batches,
             log_every_n_steps=1,
         )
-    except (ValueError, TypeError, pl.utilities.exceptions.MisconfigurationException) as err:
-        raise ConfigError(f"trainer: {str(err).splitlines()[0]}") from None
+    except (ValueError, TypeError, ImportError, RuntimeError, pl.utilities.exceptions.MisconfigurationException) as err:
+        # ImportError: an accelerator whose library is missing (tpu without torch_xla)
+        settings = f"accelerator={cfg.accelerator}, devices={cfg.devices}, precision={cfg.precision}, strategy={cfg.strategy}"
+        raise ConfigError(f"trainer ({settings}): {(str(err).splitlines() or [type(err).__name__])[0]}") from None
 
 
 def last_checkpoint(folder: Path) -> Path | None:

@@ -212,7 +212,7 @@ class Trained:
 def fit_and_select(
     cfg: Config, module: DownstreamModule, train_loader, val_loader, run_dir: Path,
     epochs: int, val_every: int, batches: int | None, early_stopping: bool = True,
-) -> Trained:
+) -> Trained | None:
     """Train ``module`` (resuming from its last checkpoint) and load the weights of the best validation epoch.
 
     Shared by the protocols that train a head with Lightning (``finetune``, ``frozen``). The selection
@@ -240,6 +240,8 @@ def fit_and_select(
     )
     resume = last_checkpoint(ckpt_dir)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
+    if not trainer.is_global_zero:  # another rank of a multi-process fit: rank 0 evaluates and records
+        return None
     best_path = Path(best_checkpoint.best_model_path) if best_checkpoint.best_model_path else ckpt_dir / "best.ckpt"
     best = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
@@ -249,7 +251,7 @@ def fit_and_select(
     return Trained(int(trainer.global_step), int(best["epoch"]), int(trainer.current_epoch), stopped)
 
 
-def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_dir: Path, features: np.ndarray | None = None) -> RunRecord:
+def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_dir: Path, features: np.ndarray | None = None) -> RunRecord | None:
     """One downstream run under its protocol, then the test split once; returns its record.
 
     The protocol fits on the labelled subset and chooses what it chooses on the validation split
@@ -268,6 +270,8 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
     protocol = PROTOCOLS.get(spec.protocol)()
     n_classes = len(data.classes)
     fitted = protocol.fit(Job(cfg, spec, data, labeled, run_dir, features))
+    if fitted is None:  # a rank other than 0 of a multi-process fit: rank 0 evaluates and records
+        return None
     val_logits, val_labels = fitted.logits(data.val), data.labels[data.val]
     val = classification_metrics(val_logits, val_labels, n_classes)  # argmax decisions: what tuning compares
     threshold = None

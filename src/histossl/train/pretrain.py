@@ -22,6 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from histossl import ranks
 from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict
 from histossl.errors import ConfigError, HistosslError
 from histossl.io import atomic_write_json
@@ -200,8 +201,13 @@ def resolve_init(init: str, pretrain_root: Path) -> str:
     return init
 
 
-def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, pretrain_root: Path, encoder_name: str) -> Path:
-    """Train one stage (or resume it, or skip it when its encoder exists). Returns the encoder path."""
+def run_stage(
+    cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, pretrain_root: Path, encoder_name: str, data_print: dict | None = None
+) -> Path:
+    """Train one stage (or resume it, or skip it when its encoder exists). Returns the encoder path.
+
+    ``data_print``: the fingerprint of the stage's data set, kept in ``stage.json`` (see ``histossl.stale``).
+    """
     folder = pretrain_root / stage.folder
     encoder_path = folder / "encoder.safetensors"
     if encoder_path.is_file() and (folder / "stage.json").is_file():
@@ -213,7 +219,8 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
     if len(rows) < needed:
         raise ConfigError(f"{setting}={needed} is larger than the {len(rows)} images of data set {stage.dataset!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "stage_key.json", stage.key)
+    if ranks.is_owner():
+        atomic_write_json(folder / "stage_key.json", stage.key)
     pl.seed_everything(stage.seed, workers=True, verbose=False)
     encoder = build_encoder(cfg.backbone, resolve_init(stage.init, pretrain_root))
     prepare_encoder(encoder, cfg)
@@ -252,6 +259,7 @@ def run_stage(cfg: Config, stage: Stage, images: np.ndarray, rows: np.ndarray, p
                 "stem": cfg.backbone.stem,
                 "image_size": cfg.image_size,
                 "wall_s": round(time.time() - start, 1),
+                "data": data_print,
             },
         )
     return encoder_path
