@@ -381,6 +381,21 @@ def _merge_defaults(data: Any, default: Any) -> Any:
     return data
 
 
+# Keys added after configs were written whose default changes behaviour, with the value that gives the
+# behaviour of a config written before them (no early stopping before ``patience`` existed). Applied
+# only to a resolved ``config.yaml`` that lacks the key, never to a user's config (which omits defaults).
+_LEGACY_VALUES = {("downstream", "patience"): None}
+
+
+def from_written(data: dict) -> Config:
+    """A Config from a resolved ``config.yaml`` written by histossl, possibly by an older version."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for (section, key), value in _LEGACY_VALUES.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section][key] = value
+    return from_dict(data)
+
+
 def from_dict(data: dict) -> Config:
     """Build and validate a Config from plain data (a parsed YAML file)."""
     if data is None:

@@ -94,7 +94,7 @@ def _has_work(out: Path) -> bool:
 def _old_config(path: Path) -> dict:
     try:
         old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return config_mod.to_dict(config_mod.from_dict(old))
+        return config_mod.to_dict(config_mod.from_written(old))
     except (yaml.YAMLError, UnicodeDecodeError, HistosslError, AttributeError, TypeError):
         return {}
 
@@ -112,7 +112,7 @@ def check_config(cfg: Config, out: Path) -> None:
         if not isinstance(old, dict):
             raise ConfigError(f"{path}: not a config written by histossl; choose another --out")
         try:  # a key added to histossl since that study was made compares as its default
-            old = config_mod.to_dict(config_mod.from_dict(old))
+            old = config_mod.to_dict(config_mod.from_written(old))
         except ConfigError:
             pass  # compared as written: the first difference names the key
         old = _accept_added_budgets_and_protocols(old, new)
