@@ -3,7 +3,7 @@
 Not the same epochs: a DINO step (two global and several local crops, a teacher) costs more than a
 SimCLR step, so equal epochs would favour the expensive methods. The benchmark::
 
-    python benchmarks/methods.py --out out/methods-ebhi [--budget-s 300] [--image-size 64] [--seeds 3]
+    python benchmarks/methods.py --out out/methods-ebhi [--budget-s 240] [--image-size 64] [--seeds 3]
 
 1. calibrates: for every method of the registry (``histossl.methods.METHODS``, not a list kept here)
    it times ``--calibration-steps`` optimizer steps of the real Lightning pretraining (the study's
@@ -56,10 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base study config (encoders are filled in)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the target image folder")
     p.add_argument("--out", type=Path, default=Path("out") / "methods-ebhi")
-    p.add_argument("--budget-s", type=float, default=300.0, help="pretraining wall-clock seconds per method and seed")
+    p.add_argument("--budget-s", type=float, default=240.0, help="pretraining wall-clock seconds per method and seed")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seeds", type=int, default=3, help="pretraining and downstream seeds 0..N-1")
-    p.add_argument("--calibration-steps", type=int, default=3, help="timed optimizer steps per method")
+    p.add_argument("--calibration-steps", type=int, default=4, help="timed optimizer steps per method")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--limit", type=int, default=0, help="about this many cases per class, for a quick run (0: all)")
     p.add_argument("--methods", nargs="*", default=None, help="a subset of the registered methods (default: all)")
@@ -203,16 +203,18 @@ def calibrate(cfg, out: Path, methods: list[str], steps: int, warmup: int, recal
     old = json.loads(path.read_text()) if path.is_file() and not recalibrate else {}
     timed = dict(old.get("methods", {})) if old.get("key") == key else {}
     missing = [m for m in methods if m not in timed]
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="methods-calibration-") as scratch:
         for name in missing:
-            log.info("calibrating %s: %d timed steps of %d images", name, steps, cfg.pretrain.batch_size)
+            log.info("calibrating %s: up to %d timed steps of %d images", name, steps, cfg.pretrain.batch_size)
             timed[name] = time_method(cfg, name, target.decoded.images, rows, steps, warmup, Path(scratch))
             log.info("calibrating %s: %.2f s per step, %.1f s per epoch", name, timed[name]["seconds_per_step"], timed[name]["seconds_per_epoch"])
     if missing or not old:
         old = {
             "key": key, "methods": timed, "machine": provenance.machine(), "versions": provenance.versions(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "calibration_s": round(time.perf_counter() - start, 1),
             "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     return old
@@ -276,7 +278,7 @@ def verdict_lines(out: Path, records: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    from histossl import config as config_mod, study
+    from histossl import config as config_mod, provenance, study
     from histossl.io import atomic_write_json, atomic_write_text
     from histossl.methods import METHODS
 
@@ -298,11 +300,15 @@ def main(argv: list[str] | None = None) -> Path:
     if args.calibrate_only:
         return args.out / STUDY_CONFIG
     cfg = config_mod.load(args.out / STUDY_CONFIG)
-    start = time.time()
     study.run_study(cfg, args.out)
     records = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
     text = table(records, epochs, calibration, args.budget_s, verdict_lines(args.out, records))
-    text += f"\nStudy wall time of this invocation: {time.time() - start:.0f} s. Command: `python benchmarks/methods.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+    runs = provenance.load(args.out)
+    wall = sum(r["wall_s"] or 0 for r in runs)
+    text += (f"\nWall time: calibration {calibration.get('calibration_s', 0):.0f} s, study {wall / 3600:.2f} h over {len(runs)} "
+             f"invocation(s) ({calibration['machine']}; torch {calibration['versions'].get('torch')}, histossl "
+             f"{calibration['versions'].get('histossl')}). Command: `python benchmarks/methods.py "
+             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     atomic_write_text(args.out / TABLE, text)
     print(text)
     return args.out / TABLE
