@@ -187,12 +187,16 @@ def calibrate(cfg, out: Path, methods: list[str], steps: int, warmup: int, recal
     """Seconds per epoch of each method on the target's train split, reused from ``OUT/calibration.json`` when it fits."""
     from histossl import provenance, study
     from histossl.config import EncoderConfig
-    from histossl.data.splits import load_or_make_split
+    from histossl.data.splits import load_or_make_split, make_split
     from histossl.errors import ConfigError
     from histossl.methods import METHODS, method_settings
 
-    target = study.load_dataset(cfg, cfg.target, out)
-    split = load_or_make_split(out / "split.csv", target.index, cfg.split)[target.decoded.keep]
+    target = study.load_dataset(cfg, cfg.target, out, write=False)
+    # The study's split: read when a run already saved it, else made in memory (deterministic from
+    # split.seed) and left for the study to save with its data fingerprint.
+    saved = out / "split.csv"
+    split = (load_or_make_split(saved, target.index, cfg.split) if saved.is_file()
+             else make_split(target.index, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed))[target.decoded.keep]
     rows = np.flatnonzero(split == "train")  # the rows every pretraining stage on the target sees
     for name in methods:  # settings that cannot work on this data (a MoCo queue longer than it) stop here, before any timing
         needed, setting = METHODS.get(name).min_images(method_settings(cfg, EncoderConfig(method=name)), cfg.pretrain)
