@@ -1,5 +1,6 @@
 """Copy a study's report into docs/: report.md, report.html, results.jsonl, config.yaml, split.csv,
-invocations.jsonl and the accuracy-against-fraction figure. The other figures stay embedded in the
+invocations.jsonl, the methods benchmark's files where present (methods.md, calibration.json,
+methods-study.yaml) and the accuracy-against-fraction figure. The other figures stay embedded in the
 self-contained report.html; report.md points there instead of to PNG files (fewer binary files in git).
     python benchmarks/publish_report.py out/idc-cpu docs/benchmarks/idc/idc-cpu
 """
@@ -9,7 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "invocations.jsonl")
+KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "invocations.jsonl",
+        "methods.md", "calibration.json", "methods-study.yaml")  # the last three: benchmarks/methods.py
 
 
 def publish(src: Path, dest: Path) -> None:

@@ -167,3 +167,15 @@ def test_protocols_without_a_schedule_are_compared_with_the_supervised_baseline(
                         "label_fraction": 0.05, "shots": None, "seed": seed, "test_balanced_acc": sup})
     (line,) = verdict.verdict_lines(verdict.compare(records))
     assert line.startswith("5% labels: simclr (linear probe) beats supervised by +11.0 points")
+
+
+def test_a_protocol_without_a_schedule_is_not_named_with_a_none_lr():
+    # Linear (no schedule) beside fine-tuning (cosine): one schedule only, so no "cosine lr" nor "None lr".
+    records = []
+    for seed, (lin, ft, sup) in enumerate([(0.60, 0.55, 0.50), (0.62, 0.56, 0.51), (0.61, 0.54, 0.49)]):
+        for protocol, schedule, encoder, value in (("linear", None, "simclr", lin), ("finetune", "cosine", "simclr", ft),
+                                                   ("finetune", "cosine", "supervised", sup)):
+            records.append({"encoder": encoder, "method": encoder, "protocol": protocol, "lr_schedule": schedule,
+                            "label_fraction": 0.05, "shots": None, "seed": seed, "test_balanced_acc": value})
+    (line,) = verdict.verdict_lines(verdict.compare(records))
+    assert line.startswith("5% labels: simclr (linear probe) beats supervised by +11.0 points"), line

@@ -189,7 +189,7 @@ def _points(value: float) -> str:
 def _who(cell: StudyCell, several_schedules: bool) -> str:
     _, protocol, schedule, encoder = cell.key
     detail = "supervised, end to end" if cell.supervised else PROTOCOL_TITLES.get(protocol, protocol)
-    return f"{encoder} ({detail}{f', {schedule} lr' if several_schedules else ''})"
+    return f"{encoder} ({detail}{f', {schedule} lr' if several_schedules and schedule != 'None' else ''})"  # linear, knn: no schedule
 
 
 def describe(c: Comparison, several_schedules: bool = False) -> str:
@@ -223,7 +223,7 @@ def describe(c: Comparison, several_schedules: bool = False) -> str:
 
 def verdict_lines(comparisons: list[Comparison]) -> list[str]:
     """One line per label budget: its best encoder (highest mean) against the strongest supervised baseline."""
-    several = len({c.a.key[2] for c in comparisons}) > 1
+    several = len({c.a.key[2] for c in comparisons} - {"None"}) > 1  # "None": a protocol without an lr schedule
     lines = []
     for budget in sorted({c.a.key[0] for c in comparisons}, key=lambda b: (b[0] != "fraction", b[1])):
         against = [c for c in comparisons if c.kind == SUPERVISED and c.a.key[0] == budget]
