@@ -50,3 +50,18 @@ def test_without_patience_every_run_takes_its_whole_budget(tmp_path):
     features = rng.normal(size=(120, 8)).astype(np.float32)
     record = _frozen_run(tmp_path, features, labels, frozen_epochs=6, patience="null")
     assert record.stopped == "budget" and record.epochs_run == 6
+
+
+def test_log_probabilities_of_zero_are_scores_not_divergence():
+    from histossl.errors import Diverged
+    from histossl.metrics import classification_metrics
+
+    logits = np.log(np.array([[1.0, 0.0, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]]))  # -inf where p = 0
+    m = classification_metrics(logits, np.array([0, 1, 2]), 3)
+    assert m["acc"] == 1.0 and np.isfinite(m["loss"])
+    for broken in ([[np.nan, 0.0, 0.0]], [[np.inf, 0.0, 0.0]], [[-np.inf, -np.inf, -np.inf]]):
+        try:
+            classification_metrics(np.array(broken), np.array([0]), 3)
+        except Diverged:
+            continue
+        raise AssertionError(f"{broken} did not raise Diverged")

@@ -35,12 +35,16 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, n_classes: in
     AUROC is NaN when fewer than two classes are present in ``labels``.
 
     Raises:
-        Diverged: Some logits are NaN or infinite.
+        Diverged: Some logits are NaN or +inf, or a row has no finite score.
     """
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
-    if not np.isfinite(logits).all():  # weights gone to NaN/inf: no metric means anything (sklearn would raise)
-        raise Diverged(f"{int((~np.isfinite(logits).any(1)).sum())} of {len(logits)} outputs are not finite")
+    # Weights gone to NaN/inf: no metric means anything (sklearn would raise). A -inf score is a
+    # log-probability of 0 (a linear probe's log-probabilities can underflow): fine while a row has a finite one.
+    broken = np.isnan(logits).any(1) | np.isposinf(logits).any(1) | ~np.isfinite(logits).any(1)
+    if broken.any():
+        raise Diverged(f"{int(broken.sum())} of {len(logits)} outputs are not finite")
+    logits = np.maximum(logits, np.log(np.finfo(np.float64).tiny))  # -inf -> the smallest log-probability
     probs = softmax(logits)
     pred = decisions(logits, threshold)
     classes = list(range(n_classes))
