@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from histossl import augment
-from histossl.augment import colour, geometry, pipeline, views
+from histossl.augment import colour, geometry, views
 from histossl.config import ViewConfig
 
 # Every op switched off: random_view is then a plain resize.
