@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from histossl import augment
+from histossl.augment import colour, geometry, views
 from histossl.config import ViewConfig
 
 # Every op switched off: random_view is then a plain resize.
@@ -130,7 +131,7 @@ def test_random_resized_crop_full_box_is_plain_resize():
 
 def test_crop_boxes_fit_and_follow_the_scale_range():
     x = torch.zeros(512, 3, 40, 60)
-    boxes = augment._crop_boxes(x, (0.3, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    boxes = geometry._crop_boxes(x, (0.3, 0.6), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
     x0, y0, w, h = boxes.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all()
     assert (x0 + w <= 60 + 1e-3).all() and (y0 + h <= 40 + 1e-3).all()
@@ -268,7 +269,7 @@ def _uint8_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def test_uint8_cpu_path_flips_and_turns_are_the_eight_symmetries_of_the_image(monkeypatch):
     # The CPU path of a uint8 batch in chunks of 5 images: no crop, no resize, exact pixel permutations.
-    monkeypatch.setattr(augment, "_CPU_CHUNK_BYTES", 5 * 3 * 8 * 8 * 4)
+    monkeypatch.setattr(views, "_CPU_CHUNK_BYTES", 5 * 3 * 8 * 8 * 4)
     cfg = dataclasses.replace(ALL_OFF, hflip=True, vflip=True, rot90=True)
     images = _uint8_images(64, 8)
     out = augment.random_view(images, cfg, 8, torch.Generator().manual_seed(0))
@@ -287,7 +288,7 @@ def test_uint8_cpu_crops_are_whole_pixel_windows():
     # need no resampling, so whole-pixel boxes make them exact windows of the image.
     cfg = dataclasses.replace(ALL_OFF, crop=True, crop_scale_min=0.25, crop_ratio_max=1.0)
     images = _uint8_images(1, 16).expand(200, 16, 16, 3).contiguous()
-    out = augment._crop_uint8(images, cfg, 8, torch.Generator().manual_seed(0))
+    out = geometry._crop_uint8(images, cfg, 8, torch.Generator().manual_seed(0))
     planes = images[0].permute(2, 0, 1)
     windows = [
         (x0, y0)
@@ -297,7 +298,7 @@ def test_uint8_cpu_crops_are_whole_pixel_windows():
         if torch.equal(o, planes[:, y0 : y0 + 8, x0 : x0 + 8])
     ]
     assert len(windows) >= 5 and len(set(windows)) >= 3
-    full = augment._crop_uint8(images, dataclasses.replace(cfg, crop_scale_min=1.0), 16, torch.Generator().manual_seed(1))
+    full = geometry._crop_uint8(images, dataclasses.replace(cfg, crop_scale_min=1.0), 16, torch.Generator().manual_seed(1))
     assert torch.equal(full, planes.expand(200, 3, 16, 16))  # a full-image box is the image itself
 
 
@@ -305,7 +306,7 @@ def test_uint8_cpu_crop_corners_are_uniform_and_boxes_fit():
     cfg = dataclasses.replace(ALL_OFF, crop=True, crop_scale_min=0.3, crop_ratio_max=4 / 3)
     # A ramp image: the top-left output pixel tells the crop's corner (to within the bilinear resize).
     ramp = torch.arange(40).view(1, 40, 1, 1).expand(1024, 40, 40, 3).to(torch.uint8).contiguous()  # value = row
-    out = augment._crop_uint8(ramp, cfg, 40, torch.Generator().manual_seed(0))
+    out = geometry._crop_uint8(ramp, cfg, 40, torch.Generator().manual_seed(0))
     top = out[:, 0, 0, 0].float()
     bottom = out[:, 0, -1, 0].float()
     assert top.min() <= 2 and bottom.max() >= 37 and (bottom >= top).all()
@@ -313,7 +314,7 @@ def test_uint8_cpu_crop_corners_are_uniform_and_boxes_fit():
 
 
 def test_random_view_same_seed_same_view_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(augment, "_CPU_CHUNK_BYTES", 3 * 3 * 12 * 12 * 4)  # chunks of 3 images, on threads
+    monkeypatch.setattr(views, "_CPU_CHUNK_BYTES", 3 * 3 * 12 * 12 * 4)  # chunks of 3 images, on threads
     images = _uint8_images(20, 16)
     a = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))
     b = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))
@@ -363,19 +364,18 @@ def test_brightness_contrast_and_saturation_compose():
 
 def test_fused_uint8_path_equals_the_ops_one_by_one(monkeypatch):
     # A uint8 CPU batch takes a fused path (division by 255, colour matrix and normalisation in one
-    # product; blur after normalising): given the same draws it must equal the documented ops in turn.
+    # product; blur and solarize after normalising): given the same draws it must equal the public float
+    # ops in the documented order, written out here one by one.
+    assert [step.name for step in augment.PIPELINE] == ["hed_jitter", "colour", "blur", "solarize"]
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one chunk, so the draws can be replayed
-    cfg = dataclasses.replace(ViewConfig(), hed_jitter_prob=0.5, blur_prob=0.5, grayscale_prob=0.3)
-    coarse = torch.randint(20, 236, (16, 4, 4, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    images = F.interpolate(coarse.permute(0, 3, 1, 2).float(), size=(20, 20), mode="bilinear")
-    images = images.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # smooth tissue-like pictures
+    cfg = dataclasses.replace(ViewConfig(), hed_jitter_prob=0.5, blur_prob=0.5, grayscale_prob=0.3, solarize_prob=0.5)
+    images = _smooth_uint8_images(16, 20)
     for normalized in (False, True):
         out = augment.random_view(images, cfg, 16, torch.Generator().manual_seed(5), normalized=normalized)
-        seed = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)).item()
-        g = torch.Generator().manual_seed(seed)  # random_view's generator for its one chunk
-        x = augment._crop_uint8(images, cfg, 16, g).float() / 255
+        g = _chunk_generator(5)
+        x = geometry._crop_uint8(images, cfg, 16, g).float() / 255
         x = augment.hed_jitter(x, cfg.hed_jitter_sigma, cfg.hed_jitter_bias, cfg.hed_jitter_prob, g)
-        x = augment._colour_and_grey(
+        x = colour._colour_and_grey(
             x,
             cfg.color_jitter_brightness,
             cfg.color_jitter_contrast,
@@ -386,28 +386,88 @@ def test_fused_uint8_path_equals_the_ops_one_by_one(monkeypatch):
             g,
         )
         x = augment.gaussian_blur(x, cfg.blur_sigma_max, cfg.blur_prob, g)
+        x = augment.solarize(x, cfg.solarize_prob, g)
         expected = augment.normalize(x) if normalized else x
         assert torch.allclose(out, expected, atol=2e-5), (out - expected).abs().max()
         assert not torch.allclose(out[: len(out) // 2], out[len(out) // 2 :])  # the ops did something
 
 
+def _smooth_uint8_images(batch: int, size: int) -> torch.Tensor:
+    """Smooth tissue-like uint8 pictures ``(B, H, W, 3)`` (bilinear upsampling of 4 x 4 noise)."""
+    coarse = torch.randint(20, 236, (batch, 4, 4, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images = F.interpolate(coarse.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear")
+    return images.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _chunk_generator(seed: int) -> torch.Generator:
+    """``random_view``'s generator for its one chunk when called with ``manual_seed(seed)``."""
+    return torch.Generator().manual_seed(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)).item())
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_both_paths_follow_the_step_order_they_are_given(monkeypatch, normalized):
+    # Mutation check: swapping two steps changes the view, and the fused uint8 path and the float path
+    # still agree on the swapped order, so the order of PIPELINE is what runs on both paths.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    cfg = dataclasses.replace(ViewConfig(), hed_jitter_prob=1.0, hed_jitter_sigma=0.3, hed_jitter_bias=0.3, color_jitter_prob=1.0, blur_prob=0.5, solarize_prob=0.5)
+    images = _smooth_uint8_images(12, 20)
+    hed, colour_step, blur, solar = augment.PIPELINE
+    orders = {"documented": augment.PIPELINE, "colour first": (colour_step, hed, blur, solar), "solarize first": (solar, hed, colour_step, blur)}
+    fused = {}
+    for name, steps in orders.items():
+        fused[name] = augment.random_view(images, cfg, 16, torch.Generator().manual_seed(7), normalized=normalized, steps=steps)
+        g = _chunk_generator(7)
+        x = augment.apply_steps(geometry._crop_uint8(images, cfg, 16, g).float() / 255, cfg, g, steps=steps)
+        expected = augment.normalize(x) if normalized else x
+        assert torch.allclose(fused[name], expected, atol=5e-5), (name, (fused[name] - expected).abs().max())
+    assert (fused["documented"] - fused["colour first"]).abs().max() > 1e-2
+    assert (fused["documented"] - fused["solarize first"]).abs().max() > 1e-2
+
+
+def test_rotnet_jitter_runs_the_shared_steps_on_each_copy():
+    # RotNet+Jitter: the geometry once per image, then the pipeline's steps (stain before colour) drawn
+    # independently for every rotated copy; no jitter code of its own.
+    from histossl.config import PretrainConfig
+    from histossl.methods import METHODS
+    from histossl.methods.rotnet import RotNetConfig, rotations
+    from histossl.models.backbones import Encoder
+
+    views_cfg = dataclasses.replace(ViewConfig(), hed_jitter_prob=1.0, color_jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)
+    pretrain = dataclasses.replace(PretrainConfig(), views=views_cfg)
+    method = METHODS.get("rotnet_jitter")(Encoder("resnet18"), RotNetConfig(), pretrain, 16)
+    images = _smooth_uint8_images(6, 20)
+    torch.manual_seed(11)
+    (x,) = method.draw_views(images)
+    torch.manual_seed(11)
+    (spec,) = method.view_specs()
+    base, _ = rotations(augment.random_view(images, spec.augment, 16, steps=()))
+    expected = augment.hed_jitter(base, views_cfg.hed_jitter_sigma, views_cfg.hed_jitter_bias, 1.0)
+    expected = augment.color_jitter(expected, views_cfg.color_jitter_brightness, views_cfg.color_jitter_contrast, views_cfg.color_jitter_saturation, views_cfg.color_jitter_hue, 1.0)
+    assert torch.allclose(x, augment.normalize(expected), atol=1e-5)
+    undone = [torch.rot90(copy, -k, (-2, -1)) for k, copy in enumerate(x.view(4, 6, 3, 16, 16)[:, 0])]
+    assert all((undone[0] - other).abs().mean() > 1e-3 for other in undone[1:])  # each copy its own colours
+
+
 def test_cpu_views_never_overwrite_a_batch_that_is_still_held():
-    images = _uint8_images(4, 16)
-    a = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(0))
+    # The caller owns the output memory (a ViewBuffer of two slots used in turn): a batch stays intact
+    # through the next call, the memory of the one before is reused (no fresh pages for every batch).
+    images, buffer = _uint8_images(4, 16), augment.ViewBuffer()
+    a = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(0), out=buffer)
     kept = a.clone()
-    b = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(1))
+    b = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(1), out=buffer)
     assert torch.equal(a, kept) and a.data_ptr() != b.data_ptr()
-    freed = b.data_ptr()
-    del b
-    c = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(2))
-    assert c.data_ptr() == freed  # a dropped batch's memory is reused (no fresh pages for each batch)
-    # Autograd keeping the views for the backward pass counts as holding them.
+    c = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(2), out=buffer)
+    assert c.data_ptr() == a.data_ptr() and torch.equal(c, augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(2)))
+    # Views saved for the backward pass survive the next draw: the training step's backward sees them intact.
     weight = torch.ones(1, 3, 1, 1, requires_grad=True)
     loss = F.conv2d(c, weight).square().sum()
     saved = c.clone()
-    del c
-    d = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3))
-    assert d.data_ptr() != freed
+    d = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(3), out=buffer)
+    assert d.data_ptr() != c.data_ptr()
     loss.backward()
     assert torch.allclose(weight.grad.flatten(), (2 * saved * saved.sum(1, keepdim=True)).sum(dim=(0, 2, 3)), rtol=1e-4)
-    assert torch.equal(a, kept)
+    # Without a buffer every call gets fresh memory; another buffer never shares this one's.
+    other = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(4), out=augment.ViewBuffer())
+    fresh = augment.random_view(images, ViewConfig(), 12, torch.Generator().manual_seed(5))
+    assert {other.data_ptr(), fresh.data_ptr()}.isdisjoint({c.data_ptr(), d.data_ptr()})
+

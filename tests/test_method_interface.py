@@ -290,3 +290,17 @@ def test_a_diverging_pretraining_stops_with_one_line(tmp_path, capsys):
     (line,) = [x for x in err.splitlines() if x.startswith("histossl: error:")]
     assert "pretraining diverged" in line and "pretrain.optim.lr" in line
     assert not list((tmp_path / "out" / "pretrain").glob("*/encoder.safetensors"))
+
+
+def test_a_method_keeps_one_buffer_per_view_spec():
+    # BYOL's two views have different specs, drawn by two random_view calls: the second must not land
+    # in the first one's memory, and the next step reuses both.
+    method, _ = build("byol")
+    first = method.draw_views(fixed_batch())
+    assert first[0].data_ptr() != first[1].data_ptr()
+    kept = [v.clone() for v in first]
+    second = method.draw_views(fixed_batch())
+    assert all(torch.equal(v, k) for v, k in zip(first, kept))  # the last step's views are intact
+    third = method.draw_views(fixed_batch())
+    assert [v.data_ptr() for v in third] == [v.data_ptr() for v in first]
+    assert {v.data_ptr() for v in second}.isdisjoint(v.data_ptr() for v in first)

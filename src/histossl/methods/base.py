@@ -152,9 +152,18 @@ class Method(nn.Module):
             while i + n < len(specs) and specs[i + n] == specs[i]:
                 n += 1
             batch = images if n == 1 else torch.cat([images] * n)
-            views += augment.random_view(batch, specs[i].augment, specs[i].size, normalized=True).chunk(n)
+            views += augment.random_view(batch, specs[i].augment, specs[i].size, normalized=True, out=self.view_buffer(i)).chunk(n)
             i += n
         return views
+
+    def view_buffer(self, key: int) -> augment.ViewBuffer:
+        """The CPU output memory of the views drawn at ``key`` (one per call site), reused across steps.
+
+        A view stays valid through the next step (``augment.ViewBuffer``): ``step`` is done with it,
+        backward included, before the step after draws again.
+        """
+        buffers = self.__dict__.setdefault("_view_buffers", {})  # plain attribute: not state, not a module
+        return buffers.setdefault(key, augment.ViewBuffer())
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

@@ -58,10 +58,14 @@ class RotNet(Method):
     def draw_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """uint8 (B, H, W, 3) -> ``[x]``: the normalised rotated copies (4B, 3, S, S), rotation-major."""
         (spec,) = self.view_specs()
-        x, _ = rotations(augment.random_view(images, spec.augment, spec.size))
-        if self.jitter_each_copy:
-            x = colour_jitter(x, self.pretrain.views)
-        return [augment.normalize(x)]
+        if not self.jitter_each_copy:
+            x, _ = rotations(augment.random_view(images, spec.augment, spec.size, out=self.view_buffer(0)))
+            return [augment.normalize(x)]
+        # RotNet+Jitter: the geometry once per image, then the pipeline's pixel steps (stain, colour and
+        # grey, blur, solarize, in ``augment.PIPELINE``'s order) drawn independently for every rotated copy.
+        base = augment.random_view(images, spec.augment, spec.size, out=self.view_buffer(0), steps=())
+        x, _ = rotations(base)
+        return [augment.normalize(augment.apply_steps(x, self.pretrain.views, inplace=True))]
 
     def step(self, images: torch.Tensor) -> StepOutput:
         (x,) = self.draw_views(images)
@@ -71,16 +75,3 @@ class RotNet(Method):
         accuracy = (logits.detach().argmax(1) == labels).float().mean()
         return StepOutput(loss, {"pretext_acc": accuracy})
 
-
-def colour_jitter(x: torch.Tensor, views: ViewConfig) -> torch.Tensor:
-    """Colour, stain and grey-level jitter drawn independently for every image of ``x``."""
-    x = augment.color_jitter(
-        x,
-        views.color_jitter_brightness,
-        views.color_jitter_contrast,
-        views.color_jitter_saturation,
-        views.color_jitter_hue,
-        views.color_jitter_prob,
-    )
-    x = augment.hed_jitter(x, views.hed_jitter_sigma, views.hed_jitter_bias, views.hed_jitter_prob)
-    return augment.random_grayscale(x, views.grayscale_prob)

@@ -102,12 +102,13 @@ class DownstreamModule(RngStateInCheckpoint, pl.LightningModule):
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self.val_metrics: dict = {}
+        self._view_buffer = augment.ViewBuffer()  # CPU views' memory, reused across steps
 
     def forward(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         if self.encoder is None:
             return self.head(x)
         if train:
-            x = augment.random_view(x, self.cfg.downstream.views, self.cfg.image_size, normalized=True)
+            x = augment.random_view(x, self.cfg.downstream.views, self.cfg.image_size, normalized=True, out=self._view_buffer)
         else:
             x = augment.normalize(augment.to_float(x))
         return self.head(self.encoder(x))
