@@ -20,7 +20,7 @@ def publish(src: Path, dest: Path) -> None:
     for name in KEEP:
         if (src / name).is_file():
             shutil.copy(src / name, dest / name)
-    kept = sorted((src / "figures").glob("accuracy_vs_fraction*.png"))
+    kept = sorted(p for pattern in ("accuracy_vs_*.png", "difference_to_supervised.png") for p in (src / "figures").glob(pattern))
     for figure in kept:
         shutil.copy(figure, dest / "figures" / figure.name)
     names = {f.name for f in kept}
