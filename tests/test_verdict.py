@@ -59,7 +59,7 @@ def test_best_encoder_against_supervised_and_runner_up_with_protocol_and_shots()
     # The frozen rotnet is compared with the end-to-end supervised runs; one encoder per protocol: no runner-up.
     assert kinds == [("vs supervised", "rotnet", "supervised", "frozen"), ("vs supervised", "simclr", "supervised", "finetune")]
     (line,) = verdict.verdict_lines(comparisons)
-    assert line.startswith("10 labels per class: simclr (fine-tuned) beats supervised by +10.0 points")
+    assert line.startswith("10 labelled images per class: simclr (fine-tuned) beats supervised by +10.0 points")
     two = verdict.compare(_pair([0.80, 0.81, 0.82], [0.70, 0.72, 0.71]) + [_record("byol", v, s) for s, v in enumerate([0.7, 0.8, 0.9])])
     runner_up = [c for c in two if c.kind == verdict.RUNNER_UP]
     assert [(c.a.encoder, c.b.encoder) for c in runner_up] == [("simclr", "byol")]

@@ -46,7 +46,9 @@ def budget_of(record: dict[str, Any]) -> Budget:
 
 def budget_label(budget: Budget) -> str:
     kind, value = budget
-    return f"{value:g} labels per class" if kind == "shots" else f"{100 * value:.4g}% labels"
+    if kind == "shots":
+        return f"{value:g} labelled image{'' if value == 1 else 's'} per class"
+    return f"{100 * value:.4g}% labels"
 
 
 def protocol_of(record: dict[str, Any]) -> str:
@@ -116,7 +118,7 @@ def cells_of(records: list[dict[str, Any]], metric: str = METRIC) -> dict[CellKe
 def _sort_key(key: CellKey) -> tuple:
     (kind, value), protocol, schedule, encoder = key
     order = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
-    return (kind != "fraction", value, order, protocol, schedule != "cosine", schedule, encoder)
+    return (kind != "shots", value, order, protocol, schedule != "cosine", schedule, encoder)  # shots (fewest labels) first
 
 
 def _baselines(cells: dict[CellKey, StudyCell], budget: Budget, protocol: str, schedule: str) -> list[StudyCell]:
@@ -182,6 +184,10 @@ def compare(records: list[dict[str, Any]], predictions: PredictionsOf | None = N
     return [Comparison(c.kind, c.a, c.b, c.paired, c.bootstrap, p, n_tests) for c, p in zip(found, adjusted)]
 
 
+def _schedule(schedule: str) -> str:
+    return "—" if schedule == "None" else schedule  # a protocol without an lr schedule (linear, knn)
+
+
 def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
@@ -225,7 +231,7 @@ def verdict_lines(comparisons: list[Comparison]) -> list[str]:
     """One line per label budget: its best encoder (highest mean) against the strongest supervised baseline."""
     several = len({c.a.key[2] for c in comparisons} - {"None"}) > 1  # "None": a protocol without an lr schedule
     lines = []
-    for budget in sorted({c.a.key[0] for c in comparisons}, key=lambda b: (b[0] != "fraction", b[1])):
+    for budget in sorted({c.a.key[0] for c in comparisons}, key=lambda b: (b[0] != "shots", b[1])):  # fewest labels first
         against = [c for c in comparisons if c.kind == SUPERVISED and c.a.key[0] == budget]
         if not against:
             continue
@@ -254,7 +260,7 @@ def cell_table(records: list[dict[str, Any]], predictions: PredictionsOf | None 
         i = t_interval(list(cell.values.values()))
         budget, protocol, schedule, encoder = cell.key
         rows.append([Cell(t) for t in (
-            budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), schedule, encoder, str(i.n),
+            budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), _schedule(schedule), encoder, str(i.n),
             f"{100 * i.mean:.2f}%", f"{100 * i.std:.2f}" if math.isfinite(i.std) else "—", _cell_interval(cell, predictions),
         )])
     header = ["labels", "protocol", "lr schedule", "encoder", "seeds", "mean", "std (points)", "95% interval"]
@@ -267,7 +273,7 @@ def comparison_table(comparisons: list[Comparison]) -> Table:
         d = c.paired.difference if c.paired else None
         needed = seeds_needed(d.std, d.mean) if d is not None and c.n >= 2 and not c.shown else None
         rows.append([Cell(t) for t in (
-            budget_label(c.a.key[0]), PROTOCOL_TITLES.get(c.a.key[1], c.a.key[1]), c.a.key[2],
+            budget_label(c.a.key[0]), PROTOCOL_TITLES.get(c.a.key[1], c.a.key[1]), _schedule(c.a.key[2]),
             f"{c.a.encoder} − {c.b.encoder}", str(c.n),
             _points(d.mean) if d else "—",
             f"{_points(d.low)} to {_points(d.high)}" if d and d.has_interval else "—",
