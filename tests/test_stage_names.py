@@ -21,7 +21,7 @@ PINNED = {
         "simclr_idc_36d335b6", "simclr_idc_cdd6d2e3_seed2", "simclr_idc_e72c0c53_seed1",
     ],
     "idc-chain-cpu": ["simclr_idc_36d335b6", "simclr_oral-idc_9c5a840b", "simclr_oral_c21e96bd"],
-    "quickstart": ["rotnet_jitter_target_c30fa36b", "rotnet_target_13bbe4cf", "simclr_target_f5ddf5c2"],
+    "quickstart": ["rotnet_jitter_target_92a348f1", "rotnet_target_e3a8640f", "simclr_target_18461c0e"],  # the demo of session 7
 }
 
 

@@ -554,7 +554,10 @@ def validate(config: Config) -> None:
 
 
 # Numbers that may be 0 or more but not reach 1: a probability of dropping is below 1, a momentum of 1 never learns.
+# Below 1 (a dropout of 1 drops everything, an SGD momentum of 1 never forgets). A teacher's EMA
+# momentum may be 1 (DINO's schedule ends there): method settings are checked by their method.
 _BELOW_ONE = ("dropout", "momentum")
+_METHOD_SETTINGS = (".settings.", "pretrain.methods.")
 
 
 def check_numbers(config: Any, key: str = "") -> None:
@@ -585,5 +588,5 @@ def check_numbers(config: Any, key: str = "") -> None:
         raise ConfigError(f"{key}: must not be negative, got {config}")
     if name.endswith("_prob") and config > 1:
         raise ConfigError(f"{key}: a probability must be in [0, 1], got {config}")
-    if name in _BELOW_ONE and config >= 1:
+    if name in _BELOW_ONE and config >= 1 and not any(part in key for part in _METHOD_SETTINGS):
         raise ConfigError(f"{key}: must be in [0, 1), got {config}")
