@@ -86,6 +86,8 @@ class RunRecord:
     torch_version: str | None = None
     histossl_version: str | None = None
     data_fingerprint: dict[str, Any] | None = None  # the target's fingerprint when the run was made (``stale.py``)
+    status: str | None = None  # "diverged" for a run whose loss left float range (metrics null); None: finished
+    diverged: str | None = None  # why it diverged, one line
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
     read_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)  # the keys a read record had
 

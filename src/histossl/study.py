@@ -398,7 +398,7 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
                 raise
             # RuntimeError "value cannot be converted to type float without overflow": an optimizer step past float range
             diverged = diverged_record(cfg, spec, len(labeled), str(err).splitlines()[0])
-            records.append(out / RESULTS, {**diverged, **provenance.record_fields(), "data_fingerprint": fingerprint})
+            records.append(out / RESULTS, dataclasses.replace(diverged, **provenance.record_fields(), data_fingerprint=fingerprint))
             log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, err)
             continue
         record = dataclasses.replace(record, **provenance.record_fields(), data_fingerprint=fingerprint)
@@ -412,36 +412,30 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     return len(todo)
 
 
-def diverged_record(cfg: Config, spec: downstream.RunSpec, n_labeled: int, reason: str) -> dict:
-    """The results.jsonl record of a run that diverged: its settings, ``status: diverged``, metrics null."""
-    metrics = ("loss", "acc", "balanced_acc", "macro_f1", "auroc")
-    return {
-        "method": spec.method,
-        "pretrain_chain": spec.pretrain_chain,
-        "protocol": spec.protocol,
-        "mode": spec.protocol,
-        "label_fraction": spec.label_fraction,
-        "shots": spec.shots,
-        "n_labeled": int(n_labeled),
-        "lr": downstream.run_lr(cfg, spec.lr_schedule) if spec.lr_schedule else None,
-        "lr_schedule": spec.lr_schedule,
-        "seed": spec.seed,
-        "status": "diverged",
-        "diverged": reason,
-        **{f"test_{m}": None for m in metrics},
-        **{f"val_{m}": None for m in metrics if m != "macro_f1"},
-        "encoder": spec.encoder,
-        "run": f"downstream/{spec.name}",
-        "pretrain_dir": spec.pretrain_dir,
-        "pretrain_seed": spec.pretrain_seed,
-        "init": spec.init,
-        "head": cfg.downstream.head,
-        "backbone": cfg.backbone.name,
-        "image_size": cfg.image_size,
-        "encoder_lr_scale": cfg.downstream.encoder_lr_scale,
-        "weight_decay": cfg.downstream.weight_decay,
-        "config": "config.yaml",
-    }
+def diverged_record(cfg: Config, spec: downstream.RunSpec, n_labeled: int, reason: str) -> records.RunRecord:
+    """The record of a run that diverged: its settings, ``status: diverged``, metrics null."""
+    return records.RunRecord(
+        method=spec.method,
+        protocol=spec.protocol,
+        seed=spec.seed,
+        label_fraction=spec.label_fraction,
+        shots=spec.shots,
+        pretrain_chain=spec.pretrain_chain,
+        n_labeled=int(n_labeled),
+        lr=downstream.run_lr(cfg, spec.lr_schedule) if spec.lr_schedule else None,
+        lr_schedule=spec.lr_schedule,
+        status="diverged",
+        diverged=reason,
+        encoder=spec.encoder,
+        run=f"downstream/{spec.name}",
+        pretrain_dir=spec.pretrain_dir,
+        pretrain_seed=spec.pretrain_seed,
+        init=spec.init,
+        head=cfg.downstream.head,
+        backbone=cfg.backbone.name,
+        image_size=cfg.image_size,
+        config="config.yaml",
+    )
 
 
 def build_report(out: Path) -> Path:
