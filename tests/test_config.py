@@ -55,3 +55,20 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_encoder_chain_defaults_to_the_target():
     cfg = config.load(None, ["target=idc", "datasets.idc.path=/data", "encoders.a.method=rotnet"])
     assert config.encoder_chain(cfg, cfg.encoders["a"]) == ["idc"]
+
+
+def test_a_setting_added_later_reads_as_its_earlier_behaviour_only_in_a_written_config():
+    written = config.to_dict(config.Config())
+    del written["downstream"]["patience"]  # a config.yaml written before early stopping existed
+    assert config.from_written(written).downstream.patience is None
+    assert config.from_dict(written).downstream.patience == 10  # a user's config omits defaults
+    written["downstream"]["patience"] = 4
+    assert config.from_written(written).downstream.patience == 4
+
+
+def test_a_stage_hash_leaves_out_an_added_setting_at_its_earlier_value():
+    from histossl.train.pretrain import hashed
+
+    views = config.ViewConfig()
+    assert "solarize_prob" not in hashed(views) and "crop_scale_min" in hashed(views)
+    assert hashed(config.ViewConfig(solarize_prob=0.2))["solarize_prob"] == 0.2

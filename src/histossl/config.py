@@ -42,9 +42,21 @@ class StainNormalizationConfig:
     reference: str = ""  # the reference image whose stains every image is mapped to
 
 
-# Metadata of a field added after stages were committed: a pretraining stage's folder hash includes
-# it only when it differs from its default, so existing stage folders keep their names.
-HASHED_WHEN_SET = {"hashed_when_set": True}
+def added_later(before: Any = dataclasses.MISSING) -> dict:
+    """Metadata of a setting added after studies were run without it: ``field(..., metadata=added_later())``.
+
+    ``before`` is the value that gives the behaviour of the versions without the setting (by default
+    the field's default). A resolved ``config.yaml`` written without the key reads it as ``before``
+    (``from_written``; never a user's config, which omits defaults), and a pretraining stage's folder
+    hash leaves the field out while it holds ``before``, so stage folders made before it keep their
+    names (``tests/test_stage_names.py``).
+    """
+    return {"added_later": True} if before is dataclasses.MISSING else {"added_later": True, "before": before}
+
+
+def value_before(f: dataclasses.Field) -> Any:
+    """The value of an ``added_later`` field that means what versions without it did."""
+    return f.metadata["before"] if "before" in f.metadata else f.default
 
 
 @dataclass(frozen=True)
@@ -55,8 +67,8 @@ class DatasetConfig:
     synthetic: bool = False  # generate it with ``synth`` settings into <out>/data/<name> instead of reading ``path``
     skip_unreadable: bool = False  # False: refuse to start and name unreadable files; True: skip and count them
     # False: unlabelled images at any depth (pretraining only, never the target)
-    labels: bool = field(default=True, metadata=HASHED_WHEN_SET)
-    stain_normalization: StainNormalizationConfig | None = field(default=None, metadata=HASHED_WHEN_SET)
+    labels: bool = field(default=True, metadata=added_later())
+    stain_normalization: StainNormalizationConfig | None = field(default=None, metadata=added_later())
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ class ViewConfig:
 
     crop: bool = True
     crop_scale_min: float = 0.4  # random resized crop: area fraction in [crop_scale_min, crop_scale_max]
-    crop_scale_max: float = field(default=1.0, metadata=HASHED_WHEN_SET)  # below 1: DINO's local crops
+    crop_scale_max: float = field(default=1.0, metadata=added_later())  # below 1: DINO's local crops
     crop_ratio_max: float = 4 / 3  # aspect ratio in [1/crop_ratio_max, crop_ratio_max]
     hflip: bool = True
     vflip: bool = True
@@ -92,7 +104,7 @@ class ViewConfig:
     hed_jitter_prob: float = 0.5
     hed_jitter_sigma: float = 0.05  # multiplicative noise on H and E optical densities (Tellez et al. 2018)
     hed_jitter_bias: float = 0.05  # additive noise on H and E optical densities
-    solarize_prob: float = field(default=0.0, metadata=HASHED_WHEN_SET)  # BYOL/DINO: invert pixels >= 0.5
+    solarize_prob: float = field(default=0.0, metadata=added_later())  # BYOL/DINO: invert pixels >= 0.5
 
 
 @dataclass(frozen=True)
@@ -179,7 +191,7 @@ class DownstreamConfig:
     # for fine-tuning with an epoch budget and for heads on frozen features: each run trains until its
     # validation stops improving, so a 100% run is not starved and a 5% run is not over-fitted.
     # None: every run takes its whole budget (``epochs``, ``frozen_epochs`` or ``steps``).
-    patience: int | None = 10
+    patience: int | None = field(default=10, metadata=added_later(before=None))  # studies before it: no early stopping
     steps: int | None = None  # fine-tuning: a fixed budget of optimizer steps per run, whatever the fraction (no early stopping); None: ``epochs``
     validations: int = 0  # fine-tuning: validate about this many times per run, evenly spaced; 0: every epoch
     frozen_epochs: int = 100  # a head on cached features: cheap
@@ -381,19 +393,22 @@ def _merge_defaults(data: Any, default: Any) -> Any:
     return data
 
 
-# Keys added after configs were written whose default changes behaviour, with the value that gives the
-# behaviour of a config written before them (no early stopping before ``patience`` existed). Applied
-# only to a resolved ``config.yaml`` that lacks the key, never to a user's config (which omits defaults).
-_LEGACY_VALUES = {("downstream", "patience"): None}
-
-
 def from_written(data: dict) -> Config:
-    """A Config from a resolved ``config.yaml`` written by histossl, possibly by an older version."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
-    for (section, key), value in _LEGACY_VALUES.items():
-        if isinstance(data.get(section), dict) and key not in data[section]:
-            data[section][key] = value
-    return from_dict(data)
+    """A Config from a resolved ``config.yaml`` written by histossl, possibly by a version without some settings."""
+    return from_dict(_fill_before(data or {}, Config()))
+
+
+def _fill_before(data: dict, default: Any) -> dict:
+    """``data`` with each missing ``added_later`` key that has a ``before`` value set to it, at any depth."""
+    filled = dict(data)
+    for f in dataclasses.fields(default):
+        sub = getattr(default, f.name)
+        if f.name not in filled:
+            if "before" in f.metadata:
+                filled[f.name] = f.metadata["before"]
+        elif isinstance(filled[f.name], dict) and dataclasses.is_dataclass(sub):
+            filled[f.name] = _fill_before(filled[f.name], sub)
+    return filled
 
 
 def from_dict(data: dict) -> Config:

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 
 from histossl import ranks
-from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict
+from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict, value_before
 from histossl.errors import ConfigError, HistosslError
 from histossl.io import atomic_write_json
 from histossl.methods import METHODS, Method, method_settings, settings_key
@@ -52,17 +52,17 @@ def metric_columns(method: Method) -> list[str]:
 
 
 def hashed(config) -> object:
-    """``to_dict`` for a stage key, leaving out fields added later (``HASHED_WHEN_SET``) at their default.
+    """``to_dict`` for a stage key, leaving out ``added_later`` fields that hold their earlier value.
 
     A field added to a config that a stage key holds (data set, split, views, optimizer, backbone)
-    must carry ``metadata=HASHED_WHEN_SET``, or every existing stage folder gets a new name
+    must carry ``metadata=config.added_later()``, or every existing stage folder gets a new name
     (``tests/test_stage_names.py`` fails).
     """
     if dataclasses.is_dataclass(config):
         return {
             f.name: hashed(getattr(config, f.name))
             for f in dataclasses.fields(config)
-            if not (f.metadata.get("hashed_when_set") and getattr(config, f.name) == f.default)
+            if not (f.metadata.get("added_later") and getattr(config, f.name) == value_before(f))
         }
     return to_dict(config)
 
