@@ -72,3 +72,16 @@ def test_a_stage_hash_leaves_out_an_added_setting_at_its_earlier_value():
     views = config.ViewConfig()
     assert "solarize_prob" not in hashed(views) and "crop_scale_min" in hashed(views)
     assert hashed(config.ViewConfig(solarize_prob=0.2))["solarize_prob"] == 0.2
+
+
+def test_each_chain_stage_may_have_its_own_epochs_and_a_single_number_keeps_the_stage_names():
+    from histossl.train.pretrain import plan_stages
+
+    base = ["datasets={t: {path: x}, pool: {path: y, labels: false}}", "target=t", "pretrain.epochs=4"]
+    cfg = config.load(None, base + ["encoders={a: {method: simclr, chain: [pool, t], epochs: [1, 6]}, b: {method: simclr, chain: [pool, t]}}"])
+    assert [s.epochs for s in plan_stages(cfg, cfg.encoders["a"])] == [1, 6]
+    assert [s.epochs for s in plan_stages(cfg, cfg.encoders["b"])] == [4, 4]
+    same = config.load(None, base + ["encoders={b: {method: simclr, chain: [pool, t], epochs: [4, 4]}}"])
+    assert [s.folder for s in plan_stages(same, same.encoders["b"])] == [s.folder for s in plan_stages(cfg, cfg.encoders["b"])]
+    with pytest.raises(ConfigError, match=r"encoders.a.epochs: one number per chain stage \(pool > t: 2\)"):
+        config.load(None, base + ["encoders={a: {method: simclr, chain: [pool, t], epochs: [3]}}"])

@@ -164,7 +164,9 @@ class EncoderConfig:
     method: str = "simclr"
     init: str = "random"  # random | imagenet | path to a .pth/.pt/.safetensors state dict
     chain: list[str] = field(default_factory=list)  # empty: the target data set alone
-    epochs: int | None = None  # per stage; None: pretrain.epochs
+    # Epochs of each stage; a list gives each stage of the chain its own (a large unlabelled pool
+    # first, for a few epochs, then the target for more); None: pretrain.epochs.
+    epochs: int | list[int] | None = None
     # This encoder's method settings, over ``pretrain.methods.<method>`` (e.g. two DINO encoders that
     # differ in ``teacher_temp``); a key its method does not have is an error.
     settings: dict[str, Any] = field(default_factory=dict)
@@ -483,6 +485,13 @@ def downstream_protocols(config: Config) -> list[str]:
     return list(config.downstream.protocols) or list(config.downstream.modes)
 
 
+def stage_epochs(config: Config, entry: EncoderConfig) -> list[int]:
+    """The epochs of each stage of ``entry``'s chain."""
+    if isinstance(entry.epochs, list):
+        return list(entry.epochs)
+    return [entry.epochs or config.pretrain.epochs] * len(encoder_chain(config, entry))
+
+
 def encoder_chain(config: Config, entry: EncoderConfig) -> list[str]:
     """The data sets an encoder is pretrained on, in order (the target alone by default)."""
     return list(entry.chain) or [config.target]
@@ -534,7 +543,12 @@ def validate(config: Config) -> None:
         key = f"encoders.{name}"
         for ds in enc.chain:
             need(ds in config.datasets, f"{key}.chain", f"{ds!r} is not a key of datasets ({', '.join(config.datasets)})")
-        need(enc.epochs is None or enc.epochs >= 1, f"{key}.epochs", f"must be at least 1, got {enc.epochs}")
+        per_stage = enc.epochs if isinstance(enc.epochs, list) else [enc.epochs]
+        need(all(e is None or e >= 1 for e in per_stage), f"{key}.epochs", f"must be at least 1, got {enc.epochs}")
+        if isinstance(enc.epochs, list):
+            stages = encoder_chain(config, enc)
+            need(len(enc.epochs) == len(stages), f"{key}.epochs",
+                 f"one number per chain stage ({' > '.join(stages)}: {len(stages)}), got {enc.epochs}")
         need(name != "supervised" and not name.startswith("supervised"), key, "names starting with 'supervised' are the baselines'")
     d = config.downstream
     need(len(d.fractions) + len(d.shots) >= 1, "downstream.fractions", "give at least one fraction (or downstream.shots)")

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 
 from histossl import ranks
-from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, to_dict, value_before
+from histossl.config import Config, EncoderConfig, OptimConfig, encoder_chain, stage_epochs, to_dict, value_before
 from histossl.errors import ConfigError, HistosslError
 from histossl.io import atomic_write_json
 from histossl.methods import METHODS, Method, method_settings, settings_key
@@ -111,7 +111,7 @@ def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> l
     previous: dict = {"init": entry.init}
     init = entry.init
     chain = encoder_chain(cfg, entry)
-    for i, dataset in enumerate(chain):
+    for i, (dataset, epochs) in enumerate(zip(chain, stage_epochs(cfg, entry))):
         ds = cfg.datasets[dataset]
         key = {
             "previous": previous,
@@ -119,7 +119,7 @@ def plan_stages(cfg: Config, entry: EncoderConfig, seed: int | None = None) -> l
             "dataset": dataset,
             "data": hashed(ds) | ({"synth": hashed(cfg.synth)} if ds.synthetic else {}),
             "split": hashed(cfg.split) if dataset == cfg.target else None,
-            "epochs": entry.epochs or cfg.pretrain.epochs,
+            "epochs": epochs,
             "pretrain": pretrain_key,
             "backbone": hashed(cfg.backbone),
             "image_size": cfg.image_size,
