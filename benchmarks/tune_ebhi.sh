@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The tuning study of configs/ebhi-cpu.yaml (issue 20): variants scored on the VALIDATION cases only
+# (downstream.test=false: the test split is never read; records carry val_* fields, test_* null).
+# SimCLR and the supervised baseline at the lowest and highest fractions (5%, 100%), 3 seeds; one
+# study folder per variant under out/tune-ebhi/, then the table of their val_* fields. About 80 min
+# on 2 CPU cores; rerun to resume.   bash benchmarks/tune_ebhi.sh
+set -euo pipefail
+base=(configs/ebhi-cpu.yaml --set downstream.test=false --set "downstream.fractions=[0.05,1.0]" --set "downstream.shots=[]"
+      --set "downstream.seeds=[0,1,2]" --set "pretrain.seeds=[0,1,2]" --set "encoders={simclr: {method: simclr}}")
+study() { local name=$1; shift; histossl study "${base[@]}" "$@" --out "out/tune-ebhi/$name"; }
+# Downstream protocol and image size: every protocol, supervised included (fine-tuning runs must stop
+# early, not at their maximum of epochs: the table's "ended" column).
+study base --set "downstream.protocols=[finetune,linear,knn]"
+study size48 --set "downstream.protocols=[finetune,linear,knn]" --set image_size=48
+# Pretext settings at 64 px: SimCLR only, scored by the frozen-encoder protocols (seconds a run).
+frozen=(--set "downstream.protocols=[linear,knn]" --set "downstream.baselines=[]")
+study epochs40 "${frozen[@]}" --set pretrain.epochs=40
+study crop0.2 "${frozen[@]}" --set pretrain.views.crop_scale_min=0.2
+python benchmarks/tune_table.py out/tune-ebhi/*

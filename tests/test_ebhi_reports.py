@@ -1,0 +1,49 @@
+"""The EBHI-Seg study (configs/ebhi-cpu.yaml) and its tuning: the split keeps every case whole and is
+the committed one; the tuning studies never evaluated the test split."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histossl import config
+from histossl.data.sources import load_index
+from histossl.data.splits import make_split, save_split
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks"
+COMMITTED_SPLITS = [DOCS / "ebhi" / "ebhi-cpu" / "split.csv", DOCS / "methods-ebhi" / "split.csv"]
+
+
+def test_the_study_split_keeps_cases_whole_and_is_the_committed_one(shared_data, tmp_path):
+    cfg = config.load(REPO / "configs" / "ebhi-cpu.yaml")
+    index = load_index(shared_data / "ebhi-seg")
+    split = make_split(index, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
+    sides: dict[str, str] = {}
+    for group, side in zip(index.groups, split):
+        assert sides.setdefault(group, side) == side, f"case {group} is on two sides of the split"
+    assert len(sides) == 524 and {"train", "val", "test"} == set(split)
+    for label in np.unique(index.labels):  # every class, the rare ones included, is in every split
+        assert {"train", "val", "test"} <= set(split[index.labels == label]), label
+    save_split(tmp_path / "split.csv", index, split)
+    committed = [path for path in COMMITTED_SPLITS if path.is_file()]
+    for path in committed:  # the methods benchmark and the study use the same split
+        assert path.read_text() == (tmp_path / "split.csv").read_text(), path
+
+
+def tuning_folders() -> list[Path]:
+    root = DOCS / "ebhi" / "tuning"
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+@pytest.mark.skipif(not tuning_folders(), reason="the EBHI tuning study is not committed yet")
+def test_the_committed_tuning_studies_never_evaluated_the_test_split():
+    for folder in tuning_folders():
+        cfg = config.load(folder / "config.yaml")
+        assert cfg.downstream.test is False, folder.name
+        records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
+        assert records, folder.name
+        for r in records:
+            assert r["n_test"] == 0 and all(r[k] is None for k in r if k.startswith("test_")), (folder.name, r["run"])
+            assert 0 < r["val_balanced_acc"] <= 1, (folder.name, r["run"])
