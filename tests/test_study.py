@@ -257,3 +257,19 @@ def test_each_run_saves_its_test_predictions_with_groups(finished_study):
         assert all(split[p] == (label, group, "test") for p, label, group in zip(found.paths, found.labels, found.groups))
         assert len(set(found.groups)) < len(found.groups)  # a synthetic slide holds many test images
         assert balanced_accuracy_score(found.labels, found.preds) == pytest.approx(r["test_balanced_acc"])
+
+
+def test_runs_on_stored_features_come_first_then_fine_tuning_seed_by_seed(tmp_path):
+    from histossl.train import pretrain
+
+    cfg = tiny_config("downstream.protocols=[finetune, linear]", "downstream.seeds=[3, 1]")
+    encoders = {name: [pretrain.plan_stages(cfg, entry)[-1]] for name, entry in cfg.encoders.items()}
+    planned = study.run_specs(cfg, encoders, tmp_path)
+    ordered = study.in_run_order(cfg, planned)
+    assert sorted(s.name for s in ordered) == sorted(s.name for s in planned)
+    kinds = [(s.protocol, s.seed) for s in ordered]
+    n_linear = sum(p == "linear" for p, _ in kinds)
+    assert {p for p, _ in kinds[:n_linear]} == {"linear"}
+    finetune = [(s.seed, s.encoder) for s in ordered[n_linear:]]
+    assert [seed for seed, _ in finetune] == sorted((seed for seed, _ in finetune), key=[3, 1].index)  # seed 3 whole, then 1
+    assert {e for seed, e in finetune if seed == 3} == {"rotnet", "simclr", "supervised"}

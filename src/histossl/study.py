@@ -368,6 +368,15 @@ def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path)
     return sorted(specs, key=lambda s: (s.shots is None, s.shots or 0, s.label_fraction or 0.0))
 
 
+def in_run_order(cfg: Config, specs: list[downstream.RunSpec]) -> list[downstream.RunSpec]:
+    """Runs on stored features first (seconds each), then the fine-tuning runs seed by seed, every
+    encoder and the baselines at each seed: a study stopped part-way has whole paired seeds to report."""
+    from histossl.protocols import PROTOCOLS
+
+    seeds = {seed: i for i, seed in enumerate(cfg.downstream.seeds)}
+    return sorted(specs, key=lambda s: (PROTOCOLS.get(s.protocol).trains_encoder, seeds.get(s.seed, 0)))
+
+
 def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> int:
     """Run every spec not yet in results.jsonl; returns how many ran now.
 
@@ -379,7 +388,7 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     target = load_dataset(cfg, cfg.target, out)
     data, subsets = target_data(cfg, target, out)
     done = records.finished_runs(out / RESULTS, repair=ranks.is_owner())
-    todo = [s for s in specs if f"downstream/{s.name}" not in done]
+    todo = in_run_order(cfg, [s for s in specs if f"downstream/{s.name}" not in done])
     if not ranks.is_owner():  # join rank 0's multi-process fits; runs on cached features are single-process, its own
         for spec in (s for s in todo if PROTOCOLS.get(s.protocol).trains_encoder):
             downstream.run(cfg, spec, data, subsets[spec.seed][spec.budget], out / "downstream" / spec.name)
