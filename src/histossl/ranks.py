@@ -54,7 +54,7 @@ def wait_for_owner(backend: str) -> None:
     if not dist.is_initialized():
         kwargs = {}
         if "RANK" not in os.environ:  # srun: the address and port Lightning's SLURM environment derives
-            from lightning_fabric.plugins.environments import SLURMEnvironment
+            from pytorch_lightning.plugins.environments import SLURMEnvironment
 
             slurm = SLURMEnvironment()
             os.environ.setdefault("MASTER_ADDR", slurm.main_address)
