@@ -379,7 +379,9 @@ def test_study_with_two_ddp_devices_from_the_cli(tmp_path, one_process_runs):
 def test_study_under_torchrun_from_the_cli(tmp_path, one_process_runs):
     # One retry, in a fresh folder: in 1 of 3 clean-clone CI runs of session 7, rank 1 exited with
     # code 1 (its message cut from the log) while rank 0 waited in a broadcast; not reproduced in
-    # 4 reruns. The first attempt's stderr is kept in the failure message if the retry fails too.
+    # 4 reruns. A likely cause was found in session 8 and fixed (rank 1 could load a pretrained encoder
+    # before rank 0 had written it; a barrier now follows each stage); the retry stays until clean-clone
+    # runs show it gone. The first attempt's stderr is kept in the failure message if the retry fails too.
     first = ""
     for attempt in range(2):
         out = tmp_path / f"out{attempt}"

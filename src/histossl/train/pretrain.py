@@ -262,6 +262,10 @@ def run_stage(
                 "data": data_print,
             },
         )
+    # The other ranks of a multi-process fit wait until rank 0 has written the encoder: the next stage
+    # of a chain, or the first fine-tuning run, loads it at once (without this, rank 1 of a torchrun
+    # study could read it before it existed and exit while rank 0 waited for it in the next fit).
+    trainer.strategy.barrier("pretraining stage written")
     return encoder_path
 
 
