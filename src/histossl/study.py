@@ -395,23 +395,11 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
         return 0
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
     for i, spec in enumerate(todo, 1):
-        labeled = subsets[spec.seed][spec.budget]
-        stored = None
-        if PROTOCOLS.get(spec.protocol).uses_features:
-            stored = features.features(cfg, Path(spec.init), data.images, out / features.FOLDER, data.key)
-        fingerprint = stale.current(out).get(cfg.target)
-        try:
-            record = downstream.run(cfg, spec, data, labeled, out / "downstream" / spec.name, stored)
-        except (Diverged, RuntimeError) as err:  # recorded, so a rerun does not repeat it; the report flags it
-            if not isinstance(err, Diverged) and "overflow" not in str(err):
-                raise
-            # RuntimeError "value cannot be converted to type float without overflow": an optimizer step past float range
-            diverged = diverged_record(cfg, spec, len(labeled), str(err).splitlines()[0])
-            records.append(out / RESULTS, dataclasses.replace(diverged, **provenance.record_fields(), data_fingerprint=fingerprint))
-            log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, err)
-            continue
-        record = dataclasses.replace(record, **provenance.record_fields(), data_fingerprint=fingerprint)
+        record = run_one(cfg, out, spec, data, subsets[spec.seed][spec.budget])
         records.append(out / RESULTS, record)
+        if record.status == "diverged":
+            log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, record.diverged)
+            continue
         split = "test" if cfg.downstream.test else "val"
         log.info(
             "[%d/%d] %s: %s acc %.2f%%, balanced acc %.2f%% (%.0f s)",
@@ -419,6 +407,25 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
             record.wall_s,
         )
     return len(todo)
+
+
+def run_one(cfg: Config, out: Path, spec: downstream.RunSpec, data, labeled: np.ndarray) -> records.RunRecord:
+    """One downstream run on rank 0, its features from the store where its protocol reads them; a run
+    whose loss leaves float range gives a ``diverged`` record (kept, so a rerun does not repeat it)."""
+    from histossl.protocols import PROTOCOLS
+
+    stored = None
+    if PROTOCOLS.get(spec.protocol).uses_features:
+        stored = features.features(cfg, Path(spec.init), data.images, out / features.FOLDER, data.key)
+    stamp = {**provenance.record_fields(), "data_fingerprint": stale.current(out).get(cfg.target)}
+    try:
+        record = downstream.run(cfg, spec, data, labeled, out / "downstream" / spec.name, stored)
+    except (Diverged, RuntimeError) as err:
+        if not isinstance(err, Diverged) and "overflow" not in str(err):
+            raise
+        # RuntimeError "value cannot be converted to type float without overflow": an optimizer step past float range
+        record = diverged_record(cfg, spec, len(labeled), str(err).splitlines()[0])
+    return dataclasses.replace(record, **stamp)
 
 
 def diverged_record(cfg: Config, spec: downstream.RunSpec, n_labeled: int, reason: str) -> records.RunRecord:
