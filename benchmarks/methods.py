@@ -20,7 +20,8 @@ SimCLR step, so equal epochs would favour the expensive methods. The benchmark::
 4. writes ``OUT/methods.md``: balanced accuracy, mean ± std over seeds, methods x protocols x budgets,
    the budget and each method's epochs, and the study's verdict lines.
 
-``--calibrate-only`` stops after step 2. ``--limit N`` keeps about N cases per class (whole cases, in
+``--calibrate-only`` stops after step 2; ``--table-only`` skips step 3 (methods.md from the runs
+recorded so far, marked partial when runs are missing). ``--limit N`` keeps about N cases per class (whole cases, in
 sorted order, linked into ``OUT/data-limited``) for a quick run; ``--set KEY=VALUE`` overrides the
 base config like the CLI's (``--set downstream.fractions=[0.05,1.0]``).
 """
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="*", default=None, help="a subset of the registered methods (default: all)")
     p.add_argument("--recalibrate", action="store_true", help="time every method again")
     p.add_argument("--calibrate-only", action="store_true", help="stop after writing the study config")
+    p.add_argument("--table-only", action="store_true", help="write methods.md from the runs recorded so far (a partial table says so)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
 
@@ -240,20 +242,37 @@ def _budget_order(label: str) -> tuple:
     return (0 if "shot" in label else 1, float(label.split()[0].rstrip("%")))
 
 
-def table(records: list[dict], epochs: dict[str, int], calibration: dict, budget_s: float, verdict: list[str]) -> str:
-    """Markdown: one row per encoder, one column per protocol and budget, balanced accuracy mean ± std over seeds."""
+def table(records: list[dict], epochs: dict[str, int], calibration: dict, budget_s: float, verdict: list[str], expected: int) -> str:
+    """Markdown: the test table with the verdict, then the same table on the validation cases (the one
+    to choose a method by), each one row per encoder, one column per protocol and budget."""
+    done = sum(r.get(METRIC) is not None for r in records)
+    head = [] if done >= expected else [
+        f"**Partial: {done} of {expected} runs recorded** (rerun the command to resume); cells show their n.", ""]
+    head += [
+        f"Pretraining budget: {budget_s:g} s of wall clock per method and seed (calibrated "
+        f"{calibration['calibrated_at']} on {calibration['machine']}, load average {calibration['load_average']}).",
+        "",
+    ]
+    lines = head + grid(records, epochs, calibration, METRIC)
+    lines += ["", "Balanced accuracy on the test cases (%), mean ± std over seeds (n runs).", "", "Verdict:", ""]
+    lines += [f"- {line}" for line in verdict] or ["- (no comparison: no supervised baseline or no runs)"]
+    lines += ["", "The same runs on the validation cases (the selected weights' balanced accuracy, %): the table to",
+              "choose a method by, as the test cases must not choose it.", ""]
+    lines += grid(records, epochs, calibration, "val_balanced_acc")
+    return "\n".join(lines) + "\n"
+
+
+def grid(records: list[dict], epochs: dict[str, int], calibration: dict, metric: str) -> list[str]:
+    """Markdown table lines of ``metric`` (%): encoders x (protocol, budget), mean ± std (n)."""
     cells: dict[tuple, list[float]] = {}
     for r in records:
-        if r.get(METRIC) is not None:
-            cells.setdefault((r.get("encoder") or r["method"], r["protocol"], _budget_label(r)), []).append(100 * r[METRIC])
+        if r.get(metric) is not None:
+            cells.setdefault((r.get("encoder") or r["method"], r["protocol"], _budget_label(r)), []).append(100 * r[metric])
     protocols = sorted({k[1] for k in cells}, key=lambda p: ("linear", "knn", "frozen", "finetune").index(p) if p in ("linear", "knn", "frozen", "finetune") else 9)
     budgets = sorted({k[2] for k in cells}, key=_budget_order)
     rows = [*epochs, *sorted({k[0] for k in cells} - set(epochs))]
     columns = [(p, b) for p in protocols for b in budgets]
     lines = [
-        f"Pretraining budget: {budget_s:g} s of wall clock per method and seed (calibrated "
-        f"{calibration['calibrated_at']} on {calibration['machine']}, load average {calibration['load_average']}).",
-        "",
         "| encoder | epochs | s/epoch | " + " | ".join(f"{p} {b}" for p, b in columns) + " |",
         "|---|---:|---:|" + "---:|" * len(columns),
     ]
@@ -265,9 +284,17 @@ def table(records: list[dict], epochs: dict[str, int], calibration: dict, budget
             row.append("—" if not values else f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
                        + f" (n={len(values)})")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Balanced accuracy on the test cases (%), mean ± std over seeds (n runs).", "", "Verdict:", ""]
-    lines += [f"- {line}" for line in verdict] or ["- (no comparison: no supervised baseline or no runs)"]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def expected_runs(cfg, out: Path) -> int:
+    """How many downstream runs the study plans (encoders x pretraining seeds x protocols x budgets x seeds + baselines)."""
+    from histossl import config as config_mod, study
+    from histossl.train import pretrain
+
+    stages = {name: [pretrain.plan_stages(cfg, entry, seed)[-1] for seed in config_mod.pretrain_seeds(cfg)]
+              for name, entry in cfg.encoders.items()}
+    return len(study.run_specs(cfg, stages, out))
 
 
 def verdict_lines(out: Path, records: list[dict]) -> list[str]:
@@ -304,9 +331,10 @@ def main(argv: list[str] | None = None) -> Path:
     if args.calibrate_only:
         return args.out / STUDY_CONFIG
     cfg = config_mod.load(args.out / STUDY_CONFIG)
-    study.run_study(cfg, args.out)
+    if not args.table_only:
+        study.run_study(cfg, args.out)
     records = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
-    text = table(records, epochs, calibration, args.budget_s, verdict_lines(args.out, records))
+    text = table(records, epochs, calibration, args.budget_s, verdict_lines(args.out, records), expected_runs(cfg, args.out))
     runs = provenance.load(args.out)
     wall = sum(r["wall_s"] or 0 for r in runs)
     text += (f"\nWall time: calibration {calibration.get('calibration_s', 0):.0f} s, study {wall / 3600:.2f} h over {len(runs)} "

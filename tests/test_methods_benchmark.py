@@ -72,7 +72,13 @@ def test_tiny_run_end_to_end_and_resumes(grouped_folder, tmp_path):
         *((m, p) for m in ("simclr", "rotnet") for p in ("linear", "knn", "finetune")), ("supervised", "finetune")}
     text = table.read_text()
     assert "| simclr |" in text and "| supervised |" in text and "finetune 100%" in text and "Verdict" in text
-    # A rerun reuses the calibration (same epochs, so the same study) and redoes no run.
+    assert "validation cases" in text and "Partial" not in text
+    # The table from the runs recorded so far, when some are missing, says it is partial.
+    kept = (out / "results.jsonl").read_text().splitlines()[:-2]
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n")
+    assert f"Partial: {len(kept)} of {len(records)} runs recorded" in bench.main([*argv, "--table-only"]).read_text()
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(kept)  # nothing ran
+    # A rerun reuses the calibration (same epochs, so the same study) and runs only the missing runs.
     bench.main(argv)
     assert json.loads((out / "calibration.json").read_text())["calibrated_at"] == calibration["calibrated_at"]
     assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
