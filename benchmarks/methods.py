@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> Path:
     text += (f"\nWall time: calibration {calibration.get('calibration_s', 0):.0f} s, study {wall / 3600:.2f} h over {len(runs)} "
              f"invocation(s) ({calibration['machine']}; torch {calibration['versions'].get('torch')}, histossl "
              f"{calibration['versions'].get('histossl')}). Command: `python benchmarks/methods.py "
-             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+             f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]) if a != '--table-only')}`\n")
     atomic_write_text(args.out / TABLE, text)
     print(text)
     return args.out / TABLE
