@@ -431,26 +431,12 @@ def run_one(cfg: Config, out: Path, spec: downstream.RunSpec, data, labeled: np.
 def diverged_record(cfg: Config, spec: downstream.RunSpec, n_labeled: int, reason: str) -> records.RunRecord:
     """The record of a run that diverged: its settings, ``status: diverged``, metrics null."""
     return records.RunRecord(
-        method=spec.method,
-        protocol=spec.protocol,
-        seed=spec.seed,
-        label_fraction=spec.label_fraction,
-        shots=spec.shots,
-        pretrain_chain=spec.pretrain_chain,
+        **downstream.spec_fields(cfg, spec),
         n_labeled=int(n_labeled),
         lr=downstream.run_lr(cfg, spec.lr_schedule) if spec.lr_schedule else None,
-        lr_schedule=spec.lr_schedule,
         status="diverged",
         diverged=reason,
-        encoder=spec.encoder,
-        run=f"downstream/{spec.name}",
-        pretrain_dir=spec.pretrain_dir,
-        pretrain_seed=spec.pretrain_seed,
-        init=spec.init,
         head=cfg.downstream.head,
-        backbone=cfg.backbone.name,
-        image_size=cfg.image_size,
-        config="config.yaml",
     )
 
 

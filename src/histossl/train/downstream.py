@@ -252,6 +252,16 @@ def fit_and_select(
     return Trained(int(trainer.global_step), int(best["epoch"]), int(trainer.current_epoch), stopped)
 
 
+def spec_fields(cfg: Config, spec: RunSpec) -> dict:
+    """The fields of a run's record that its spec and the config fix before it runs."""
+    return dict(
+        method=spec.method, pretrain_chain=spec.pretrain_chain, protocol=spec.protocol, label_fraction=spec.label_fraction,
+        shots=spec.shots, lr_schedule=spec.lr_schedule, seed=spec.seed, encoder=spec.encoder, run=f"downstream/{spec.name}",
+        pretrain_dir=spec.pretrain_dir, pretrain_seed=spec.pretrain_seed, init=spec.init, backbone=cfg.backbone.name,
+        image_size=cfg.image_size, config="config.yaml",
+    )
+
+
 def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_dir: Path, features: np.ndarray | None = None) -> RunRecord | None:
     """One downstream run under its protocol, then the test split once; returns its record.
 
@@ -286,15 +296,9 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         metrics = classification_metrics(test_logits, test_labels, n_classes, threshold)
         save_test_predictions(run_dir / predictions.FILE, data, decisions(test_logits, threshold))
     return RunRecord(
-        method=spec.method,
-        pretrain_chain=spec.pretrain_chain,
-        protocol=spec.protocol,
-        label_fraction=spec.label_fraction,
-        shots=spec.shots,
+        **spec_fields(cfg, spec),
         n_labeled=int(len(labeled)),
         lr=fitted.lr,
-        lr_schedule=spec.lr_schedule,
-        seed=spec.seed,
         epochs=fitted.epochs,
         steps=fitted.steps,
         best_epoch=fitted.best_epoch,
@@ -308,14 +312,7 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         test_auroc=metrics["auroc"],
         n_test=int(len(data.test)) if d.test else 0,
         wall_s=round(time.time() - start, 2),
-        encoder=spec.encoder,
-        run=f"downstream/{spec.name}",
-        pretrain_dir=spec.pretrain_dir,
-        pretrain_seed=spec.pretrain_seed,
-        init=spec.init,
         head=d.head if fitted.epochs is not None else None,
-        backbone=cfg.backbone.name,
-        image_size=cfg.image_size,
         select_metric=d.select_metric,
         n_val=int(len(data.val)),
         classes=list(data.classes),
@@ -325,7 +322,6 @@ def run(cfg: Config, spec: RunSpec, data: TargetData, labeled: np.ndarray, run_d
         val_acc=val["acc"],
         val_balanced_acc=val["balanced_acc"],
         val_auroc=val["auroc"],
-        config="config.yaml",
         labels_per_class=labels_per_class(data.labels, labeled, n_classes),
         chosen=fitted.chosen,
     )
