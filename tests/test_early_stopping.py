@@ -65,3 +65,14 @@ def test_log_probabilities_of_zero_are_scores_not_divergence():
         except Diverged:
             continue
         raise AssertionError(f"{broken} did not raise Diverged")
+
+
+def test_min_steps_trains_that_many_steps_before_early_stopping_may_end_a_run(tmp_path):
+    # The noise run above stops after a few epochs; with min_steps it trains at least that many steps
+    # (30 labelled images, batch 64: one step an epoch) and early stopping counts only after them.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)[rng.permutation(120)]
+    features = rng.normal(size=(120, 8)).astype(np.float32)
+    record = _frozen_run(tmp_path, features, labels, frozen_epochs=20, patience=3, select_metric="val_loss", min_steps=40)
+    assert record.steps >= 40 and record.stopped == "early"
+    assert record.epochs >= 40 + 3 * 4  # the maximum grew to the minimum plus patience (validated every 4th epoch)

@@ -210,9 +210,9 @@ def test_step_budget_validation_interval_and_validation_threshold(tmp_path):
 
 def test_step_budget_caps_an_epoch_of_a_large_subset():
     d = config.load(None, ["downstream.steps=50", "downstream.validations=3"]).downstream
-    assert downstream.finetune_epochs(d, 111) == (1, 1, 50)  # 100% of IDC: half an epoch
-    assert downstream.finetune_epochs(d, 6) == (9, 3, None)  # 5%: nine epochs, validated every third
-    assert downstream.finetune_epochs(dataclasses.replace(d, steps=None, epochs=4), 6) == (4, 1, None)
+    assert downstream.finetune_epochs(d, 111) == (1, 1, 50, 0)  # 100% of IDC: half an epoch
+    assert downstream.finetune_epochs(d, 6) == (9, 3, None, 0)  # 5%: nine epochs, validated every third
+    assert downstream.finetune_epochs(dataclasses.replace(d, steps=None, epochs=4), 6) == (4, 1, None, 0)
 
 
 def test_tuning_run_never_reads_the_test_split(finished_study, tmp_path):
@@ -273,3 +273,13 @@ def test_runs_on_stored_features_come_first_then_fine_tuning_seed_by_seed(tmp_pa
     finetune = [(s.seed, s.encoder) for s in ordered[n_linear:]]
     assert [seed for seed, _ in finetune] == sorted((seed for seed, _ in finetune), key=[3, 1].index)  # seed 3 whole, then 1
     assert {e for seed, e in finetune if seed == 3} == {"rotnet", "simclr", "supervised"}
+
+
+def test_min_steps_keeps_a_small_subset_training_and_spaces_its_validations():
+    d = config.load(None, ["downstream.min_steps=300", "downstream.patience=5", "downstream.epochs=30"]).downstream
+    # 5% of a set: 2 batches an epoch -> at least 150 epochs, validated every 15, room for 5 more validations.
+    assert downstream.finetune_epochs(d, 2) == (225, 15, None, 150)
+    # 100%: 21 batches an epoch -> at least 15 epochs, validated every epoch; the maximum of 30 stands.
+    assert downstream.finetune_epochs(d, 21) == (30, 1, None, 15)
+    # A fixed step budget ignores it.
+    assert downstream.finetune_epochs(dataclasses.replace(d, steps=40), 2)[3] == 0

@@ -194,6 +194,11 @@ class DownstreamConfig:
     # validation stops improving, so a 100% run is not starved and a 5% run is not over-fitted.
     # None: every run takes its whole budget (``epochs``, ``frozen_epochs`` or ``steps``).
     patience: int | None = field(default=10, metadata=added_later(before=None))  # studies before it: no early stopping
+    # Fine-tuning and heads on frozen features: the fewest optimizer steps a run takes before early
+    # stopping may end it (validated about 10 times within them; the maximum of epochs grows to fit
+    # them plus ``patience``). A 5% subset has a few batches an epoch: a patience counted in epochs
+    # alone can end it after a few dozen steps, still at chance. 0: none.
+    min_steps: int = field(default=0, metadata=added_later())
     steps: int | None = None  # fine-tuning: a fixed budget of optimizer steps per run, whatever the fraction (no early stopping); None: ``epochs``
     validations: int = 0  # fine-tuning: validate about this many times per run, evenly spaced; 0: every epoch
     frozen_epochs: int = 100  # a head on cached features: cheap
@@ -568,6 +573,7 @@ def validate(config: Config) -> None:
     need(len(set(d.fractions)) == len(d.fractions), "downstream.fractions", "fractions repeat")
     need(d.epochs >= 1, "downstream.epochs", f"must be at least 1, got {d.epochs}")
     need(d.steps is None or d.steps >= 1, "downstream.steps", f"must be at least 1, got {d.steps}")
+    need(d.min_steps >= 0, "downstream.min_steps", f"must be 0 or more, got {d.min_steps}")
     need(d.patience is None or d.patience >= 1, "downstream.patience", f"must be at least 1 (or null: no early stopping), got {d.patience}")
     need(d.validations >= 0, "downstream.validations", f"must be 0 or more, got {d.validations}")
     need(d.frozen_epochs >= 1, "downstream.frozen_epochs", f"must be at least 1, got {d.frozen_epochs}")

@@ -39,13 +39,12 @@ class Finetune(Protocol):
         train_loader = loader(ArrayBatches(data.images, labeled, data.labels), batch, shuffle=True, drop_last=drop_last,
                               cfg=cfg.trainer, seed=spec.seed)
         val_loader = loader(ArrayBatches(data.images, data.val, data.labels), 256, False, False, cfg.trainer, spec.seed)
-        epochs, val_every, batches = finetune_epochs(d, len(train_loader))
-        trained = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, val_every, batches,
-                                 early_stopping=d.steps is None)
+        plan = finetune_epochs(d, len(train_loader))
+        trained = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, plan, early_stopping=d.steps is None)
         if trained is None:  # a rank other than 0 of a multi-process fit
             return None
 
         def logits(rows: np.ndarray) -> np.ndarray:
             return predict(module, data.images, rows)
 
-        return Fitted(logits, lr=lr, epochs=epochs, **trained.fields())
+        return Fitted(logits, lr=lr, epochs=plan.epochs, **trained.fields())

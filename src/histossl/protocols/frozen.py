@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from histossl.models.heads import classifier_head
 from histossl.protocols.base import PROTOCOLS, Fitted, Job, Protocol
 from histossl.train.common import EpochShuffle
-from histossl.train.downstream import DownstreamModule, class_weights, fit_and_select, run_lr
+from histossl.train.downstream import DownstreamModule, class_weights, fit_and_select, run_lr, with_min_steps
 
 
 @PROTOCOLS.register("frozen")
@@ -36,8 +36,9 @@ class Frozen(Protocol):
         val_set = TensorDataset(torch.from_numpy(features[data.val]), torch.from_numpy(data.labels[data.val]))
         train_loader = DataLoader(train_set, batch_size=batch, sampler=EpochShuffle(train_set, spec.seed), drop_last=drop_last)
         val_loader = DataLoader(val_set, batch_size=1024)
-        epochs = d.frozen_epochs
-        trained = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, epochs, 1, None, early_stopping=True)
+        plan = with_min_steps(d, d.frozen_epochs, 1, len(train_loader))
+        epochs = plan.epochs
+        trained = fit_and_select(cfg, module, train_loader, val_loader, job.run_dir, plan, early_stopping=True)
 
         @torch.no_grad()
         def logits(rows: np.ndarray) -> np.ndarray:

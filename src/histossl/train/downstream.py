@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -212,7 +213,7 @@ class Trained:
 
 def fit_and_select(
     cfg: Config, module: DownstreamModule, train_loader, val_loader, run_dir: Path,
-    epochs: int, val_every: int, batches: int | None, early_stopping: bool = True,
+    plan: EpochPlan, early_stopping: bool = True,
 ) -> Trained | None:
     """Train ``module`` (resuming from its last checkpoint) and load the weights of the best validation epoch.
 
@@ -225,19 +226,19 @@ def fit_and_select(
     trains_encoder = module.encoder is not None
     ckpt_dir = run_dir / "checkpoints"
     select_mode = "min" if d.select_metric == "val_loss" else "max"
-    *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=trains_encoder, every=val_every)
+    *last, best_checkpoint = checkpoint_callbacks(ckpt_dir, d.select_metric, select_mode, resumable=trains_encoder, every=plan.val_every)
     stopper = None
     if early_stopping and d.patience is not None:
-        stopper = EarlyStopping(monitor=d.select_metric, mode=select_mode, patience=d.patience, check_finite=False)
+        stopper = EarlyStoppingAfter(plan.min_epochs, monitor=d.select_metric, mode=select_mode, patience=d.patience, check_finite=False)
     trainer = make_trainer(
         cfg.trainer if trains_encoder else frozen_trainer(cfg),
-        epochs,
+        plan.epochs,
         [EpochCSV(run_dir / "metrics.csv", METRIC_COLUMNS, verbose=trains_encoder), *last, best_checkpoint,
          *([stopper] if stopper else [])],
         run_dir,
         validate=True,
-        val_every=val_every,
-        train_batches=batches,
+        val_every=plan.val_every,
+        train_batches=plan.batches,
     )
     resume = last_checkpoint(ckpt_dir)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -336,19 +337,67 @@ def save_test_predictions(path: Path, data: TargetData, preds: np.ndarray) -> No
     predictions.write(path, paths, groups, list(names[data.labels[rows]]), list(names[preds]))
 
 
-def finetune_epochs(d: DownstreamConfig, batches_per_epoch: int) -> tuple[int, int, int | None]:
-    """(epochs, validate every n epochs, batches per epoch or None for all) of a fine-tuning run.
+class EpochPlan(NamedTuple):
+    """How long a Lightning-trained run may train and how often it is validated."""
+
+    epochs: int  # the most epochs
+    val_every: int  # validate every n epochs
+    batches: int | None  # batches per epoch (None: all)
+    min_epochs: int = 0  # early stopping starts counting after these
+
+
+# Validations within ``downstream.min_steps``: enough to keep the best epoch, few enough to stay cheap.
+MIN_STEPS_VALIDATIONS = 10
+
+
+def finetune_epochs(d: DownstreamConfig, batches_per_epoch: int) -> EpochPlan:
+    """The epoch plan of a fine-tuning run.
 
     With ``steps`` every fraction gets about the same number of optimizer steps: small subsets get
     many epochs, a subset with more than ``steps`` batches one epoch of ``steps`` batches (a random
     part of it). With ``validations`` the validation split is evaluated about that many times, at
-    epochs that end the run on a validated epoch.
+    epochs that end the run on a validated epoch. Otherwise ``epochs`` is the maximum, with
+    ``min_steps`` applied (``with_min_steps``).
     """
     if d.steps is not None and d.steps < batches_per_epoch:
-        return 1, 1, d.steps
+        return EpochPlan(1, 1, d.steps)
     epochs = d.epochs if d.steps is None else max(1, math.ceil(d.steps / max(1, batches_per_epoch)))
     every = 1 if d.validations == 0 else max(1, epochs // d.validations)
-    return math.ceil(epochs / every) * every, every, None
+    if d.steps is None:
+        return with_min_steps(d, epochs, every, batches_per_epoch)
+    return EpochPlan(math.ceil(epochs / every) * every, every, None)
+
+
+def with_min_steps(d: DownstreamConfig, epochs: int, every: int, batches_per_epoch: int) -> EpochPlan:
+    """``epochs`` (the maximum) and validation every ``every`` epochs, after ``downstream.min_steps``.
+
+    A run then trains at least ``min_steps`` optimizer steps (``min_epochs``) before early stopping
+    starts counting, is validated about ``MIN_STEPS_VALIDATIONS`` times within them (every epoch for a
+    large subset, every few epochs for a small one), and may take ``patience`` more validations after
+    them whatever ``epochs`` says.
+    """
+    if not d.min_steps:
+        return EpochPlan(math.ceil(epochs / every) * every, every, None)
+    min_epochs = math.ceil(d.min_steps / max(1, batches_per_epoch))
+    every = max(every, min_epochs // MIN_STEPS_VALIDATIONS)
+    epochs = max(epochs, min_epochs + (d.patience or 0) * every)
+    return EpochPlan(math.ceil(epochs / every) * every, every, None, min_epochs)
+
+
+class EarlyStoppingAfter(EarlyStopping):
+    """Lightning's ``EarlyStopping`` that starts watching only once ``start_epochs`` epochs are done.
+
+    (Lightning's own ``min_epochs`` lets the patience run out before the minimum and then stops at it,
+    even when the metric has started to improve: a small subset that leaves chance late is cut.)
+    """
+
+    def __init__(self, start_epochs: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.start_epochs = start_epochs
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if trainer.current_epoch + 1 >= self.start_epochs:
+            super()._run_early_stopping_check(trainer)
 
 
 def frozen_trainer(cfg: Config):
