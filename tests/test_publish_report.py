@@ -1,0 +1,29 @@
+"""benchmarks/publish_report.py: a report.html over the size limit stays out of docs/, and report.md says where it is."""
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("publish_report", REPO / "benchmarks" / "publish_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_large_report_html_is_left_in_the_study_folder(tmp_path):
+    publish = _load()
+    src = tmp_path / "study"
+    (src / "figures").mkdir(parents=True)
+    (src / "report.md").write_text("# r\n![curve](figures/pretext_a.png)\n")
+    (src / "results.jsonl").write_text("{}\n")
+    (src / "report.html").write_bytes(b"x" * 10)
+    publish.publish(src, tmp_path / "small")
+    assert (tmp_path / "small" / "report.html").is_file()
+    assert "in [report.html](report.html)" in (tmp_path / "small" / "report.md").read_text()
+    (src / "report.html").write_bytes(b"x" * (publish.HTML_LIMIT + 1))
+    publish.publish(src, tmp_path / "large")
+    assert not (tmp_path / "large" / "report.html").exists() and (tmp_path / "large" / "results.jsonl").is_file()
+    assert "too large to commit" in (tmp_path / "large" / "report.md").read_text()
