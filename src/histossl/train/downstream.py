@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import NamedTuple
 import shutil
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
