@@ -15,8 +15,8 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
