@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -267,11 +268,21 @@ def test_changed_data_sets_aside_stale_results_and_redoes_them(tmp_path, image_f
     assert f"data set `target`: `{image_folder}`, 72 images, fingerprint `{old_print['digest']}`" in report
     old_stage = next(out.glob("pretrain/*/stage.json")).parent.name
 
-    # A new image in one class, another touched: the split, the pretraining on it and the runs are stale.
+    # Every file touched (as a copy to another disk does): the same data, nothing set aside.
+    for path in image_folder.rglob("*.png"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    touched = histossl("study", config, "--out", out)
+    assert touched.returncode == 0 and "0 to run" in touched.stderr and not (out / "stale").exists(), touched.stderr[-3000:]
+    assert json.loads((out / "data.json").read_text())["target"] == old_print
+
+    # A new image in one class, another's pixels edited: the split, the pretraining on it and the runs are stale.
     tumour = sorted((image_folder / "slide00" / "tumour").iterdir())
     (image_folder / "slide00" / "tumour" / "new.png").write_bytes(tumour[0].read_bytes())
     stroma = sorted((image_folder / "slide00" / "stroma").iterdir())[0]
-    os.utime(stroma, ns=(stroma.stat().st_atime_ns, stroma.stat().st_mtime_ns + 10**9))
+    with Image.open(stroma) as image:
+        edited = image.convert("RGB")
+    edited.putpixel((0, 0), tuple(255 - v for v in edited.getpixel((0, 0))))
+    edited.save(stroma)
     again = histossl("study", config, "--out", out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1 images added, 0 removed, 1 modified" in again.stderr and "slide00/tumour/new.png" in again.stderr

@@ -1,6 +1,6 @@
 """When a data set changes under a study: say what changed, and set aside what was made from the old data.
 
-Every resume fingerprints the study's data sets (``data/fingerprint.py``) and compares them with the
+Every resume fingerprints the study's data sets (``data/fingerprint.py``: paths, sizes and contents) and compares them with the
 fingerprints kept in ``split.csv.json``, each ``stage.json`` and each record. What was made from
 other data is moved, not deleted, to ``OUT/stale/<time>/`` (same layout), and the study redoes it:
 a new split of the target, new pretraining on every changed data set (and the stages built on
@@ -53,24 +53,28 @@ def reconcile(cfg: Config, out: Path) -> dict[str, dict]:
 
     out = Path(out)
     names = list(dict.fromkeys([cfg.target] + [d for e in cfg.encoders.values() for d in encoder_chain(cfg, e)]))
-    prints, listings = {}, {}
+    prints, listings, before = {}, {}, current(out)
     for name in names:
         index = load_index(dataset_path(cfg, name, out), labels=cfg.datasets[name].labels)
-        listings[name] = fp.listing(index)
+        last = before.get(name)
+        known = fp.load_listing(out, name, last["digest"]) if isinstance(last, dict) and "digest" in last else None
+        listings[name] = fp.listing(index, known)
         prints[name] = fp.fingerprint(index, listings[name])
+        fp.save_listing(out, name, prints[name], listings[name])
     stale = _find_stale(cfg, out, prints)
     if stale["changed"]:
         _set_aside(out, stale, prints, listings)
-    for name in names:
-        fp.save_listing(out, name, prints[name], listings[name])
     atomic_write_text(out / DATA_FILE, json.dumps(prints, indent=2) + "\n", durable=False)  # recomputed by every command
     return prints
 
 
 def _find_stale(cfg: Config, out: Path, prints: dict[str, dict]) -> dict:
+    def differs(saved: dict | None, name: str) -> bool:
+        return fp.differs(saved, prints[name], out, name)
+
     changed: dict[str, dict] = {}  # data set -> the old fingerprint that differs
     split_info = _read_json(out / "split.csv.json")
-    split_stale = fp.differs(split_info.get("data"), prints[cfg.target])
+    split_stale = differs(split_info.get("data"), cfg.target)
     if split_stale:
         changed[cfg.target] = split_info["data"]
     stages: dict[str, dict] = {}
@@ -80,7 +84,7 @@ def _find_stale(cfg: Config, out: Path, prints: dict[str, dict]) -> dict:
     stale_stages = set()
     for name, info in stages.items():
         dataset = info.get("dataset")
-        if dataset in prints and fp.differs(info.get("data"), prints[dataset]):
+        if dataset in prints and differs(info.get("data"), dataset):
             changed.setdefault(dataset, info["data"])
             stale_stages.add(name)
     for name, info in stages.items():  # unfinished stages (no stage.json) of a changed data set: trained on the old data
@@ -97,12 +101,11 @@ def _find_stale(cfg: Config, out: Path, prints: dict[str, dict]) -> dict:
                 stale_stages.add(name)
         grew = len(stale_stages) > before
     stale_runs, kept = [], []
-    target_now = prints[cfg.target]
     for record in records.load(out / RESULTS, repair=False):
         made_from = record.get("data_fingerprint")
-        if fp.differs(made_from, target_now):
+        if differs(made_from, cfg.target):
             changed.setdefault(cfg.target, made_from)
-        if split_stale or fp.differs(made_from, target_now) or Path(str(record.get("pretrain_dir") or "")).name in stale_stages:
+        if split_stale or differs(made_from, cfg.target) or Path(str(record.get("pretrain_dir") or "")).name in stale_stages:
             stale_runs.append(record)
         else:
             kept.append(record)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from histossl import predictions, provenance
+from histossl.data import fingerprint
 from histossl.errors import HistosslError
 from histossl.io import atomic_write_bytes, atomic_write_text
 from histossl.report import figures as draw
@@ -124,8 +125,8 @@ def _data_lines(out_dir: Path, records: list[dict[str, Any]]) -> list[str]:
         known = [m for m in made if isinstance(m, dict)]
         note = ""
         if known and name == next(iter(prints)):  # the target: the first data set listed
-            same = sum(m.get("digest") == fp.get("digest") for m in known)
-            note = f"; {same} of {len(records)} runs recorded this fingerprint" + (
+            same = sum(not fingerprint.differs(m, fp, out_dir, name) for m in known)
+            note = f"; {same} of {len(records)} runs were made from this data" + (
                 f", {len(records) - len(known)} none (made before fingerprints)" if len(known) < len(records) else "")
         lines.append(f"data set `{name}`: `{fp.get('path')}`, {fp.get('n_images')} images, fingerprint `{fp.get('digest')}`{note}")
     return lines
