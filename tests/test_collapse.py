@@ -29,8 +29,10 @@ def test_a_collapsed_encoder_is_flagged_and_a_healthy_one_is_not():
     healthy = stage([0.02, 0.021, 0.019], [7.0, 7.2, 7.1])
     dropped = stage([0.02, 0.01, 0.0015], [7.0, 5.0, 3.0])
     one_line = stage([0.02, 0.02, 0.02], [7.0, 2.0, 1.2])
-    assert embedding_collapsed(healthy) is False
-    assert embedding_collapsed(dropped) and embedding_collapsed(one_line)
+    like_dino_on_ebhi = stage([0.00184, 0.0009, 0.00042], [19.6, 4.0, 1.53])  # std / 4.4, rank < 2
+    like_byol_on_ebhi = stage([0.0482, 0.04, 0.0435], [48.7, 9.0, 3.69])  # shrank, still spread
+    assert embedding_collapsed(healthy) is False and embedding_collapsed(like_byol_on_ebhi) is False
+    assert embedding_collapsed(dropped) and embedding_collapsed(one_line) and embedding_collapsed(like_dino_on_ebhi)
     assert embedding_collapsed(stage([], [])) is None  # a method with a pretext accuracy
     flags = collapsed_encoders([healthy, dropped])
     assert [f.stage for f in flags] == ["pretrain/byol_target_abc"] and "collapsed" in flags[0].message
