@@ -264,6 +264,8 @@ def table(records: list[dict], epochs: dict[str, int], calibration: dict, budget
 
 def grid(records: list[dict], epochs: dict[str, int], calibration: dict, metric: str) -> list[str]:
     """Markdown table lines of ``metric`` (%): encoders x (protocol, budget), mean ± std (n)."""
+    from histossl.report import tables
+
     cells: dict[tuple, list[float]] = {}
     for r in records:
         if r.get(metric) is not None:
@@ -281,8 +283,7 @@ def grid(records: list[dict], epochs: dict[str, int], calibration: dict, metric:
         row = [name, str(epochs.get(name, "—")), f"{cal['seconds_per_epoch']:.1f}" if cal else "—"]
         for column in columns:
             values = cells.get((name, *column), [])
-            row.append("—" if not values else f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
-                       + f" (n={len(values)})")
+            row.append(tables.format_points(tables.summarize(values), scale=1) + (f" (n={len(values)})" if values else ""))
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

@@ -11,19 +11,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from histossl import records  # noqa: E402
+from histossl.report import tables  # noqa: E402
 
 
 def cell(values: list[float | None], percent: bool) -> str:
-    scale = 100 if percent else 1
-    v = np.asarray([x for x in values if x is not None], dtype=float) * scale
-    if not len(v):
-        return "-"
-    spread = f" ± {v.std(ddof=1):.{1 if percent else 3}f}" if len(v) > 1 else ""
-    return f"{v.mean():.{1 if percent else 3}f}{spread}"
+    return tables.format_points(tables.summarize(values), 100 if percent else 1, 1 if percent else 3)
 
 
 def budget(record: records.RunRecord) -> str:

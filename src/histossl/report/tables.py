@@ -60,6 +60,14 @@ def format_summary(summary: Summary | None, percent: bool = False) -> str:
     return text
 
 
+def format_points(summary: Summary | None, scale: float = 100, digits: int = 1) -> str:
+    """The compact form of the benchmark tables: ``37.3 ± 2.8`` (values x ``scale``), ``37.3`` for one value."""
+    if summary is None:
+        return MISSING
+    text = f"{scale * summary.mean:.{digits}f}"
+    return text + (f" ± {scale * summary.std:.{digits}f}" if summary.std is not None else "")
+
+
 def format_loss_accuracy(losses: Sequence[float], accuracies: Sequence[float]) -> str:
     """The contract's cell: ``0.3881 / 84.51%``, or ``0.3881 ± 0.0123 / 84.51% ± 1.20%`` over seeds."""
     loss, acc = summarize(losses), summarize(accuracies)
