@@ -69,10 +69,10 @@ def main() -> None:
             if (out / name).is_file():
                 shutil.copy(out / name, tmp / name)
         data, subsets = study.target_data(cfg, study.load_dataset(cfg, cfg.target, out), tmp)
-        budgets = study._budgets(cfg)
+        budgets = {protocol: config.protocol_budgets(cfg, protocol) for protocol in ("linear", "knn")}
         device = features.training_device(cfg)
         print(f"{len(data.labels)} target images at {cfg.image_size} px, {cfg.backbone.name} on {device}; "
-              f"{len(args.seeds)} seeds x {len(budgets)} budgets per protocol\n")
+              f"{len(args.seeds)} seeds x {len(budgets['linear'])} budgets per protocol\n")
         print("| encoder file | bare encoder(x) s | store encode s | ratio | linear s (runs) | knn s (runs) |")
         print("|---|---|---|---|---|---|")
         totals = {"linear": 0.0, "knn": 0.0}
@@ -86,7 +86,7 @@ def main() -> None:
             for protocol in ("linear", "knn"):
                 start, n = time.perf_counter(), 0
                 for seed in args.seeds:
-                    for fraction, shots in budgets:
+                    for fraction, shots in budgets[protocol]:
                         spec = downstream.RunSpec(
                             name="bench", encoder="e", method="m", pretrain_chain="", pretrain_dir=None, init=str(encoder_file),
                             protocol=protocol, lr_schedule=None, label_fraction=fraction, shots=shots, seed=seed)

@@ -30,6 +30,9 @@ def test_partial_nested_override_keeps_sibling_defaults():
         ("downstream.class_weighted=maybe", "downstream.class_weighted", "true or false"),
         ("downstream.fractions=[0.5, 1.5]", "downstream.fractions", "(0, 1]"),
         ("split.test_fraction=0", "split.test_fraction", "(0, 1)"),
+        ("downstream.budgets_of={knn: {fractions: [0.5]}}", "downstream.budgets_of.knn", "study's protocols"),
+        ("downstream.budgets_of={finetune: {fractions: [0.3]}}", "downstream.budgets_of.finetune.fractions", "among downstream.fractions"),
+        ("downstream.budgets_of={finetune: {}}", "downstream.budgets_of.finetune", "at least one"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, key, allowed):

@@ -275,6 +275,19 @@ def test_runs_on_stored_features_come_first_then_fine_tuning_seed_by_seed(tmp_pa
     assert {e for seed, e in finetune if seed == 3} == {"rotnet", "simclr", "supervised"}
 
 
+def test_a_protocol_runs_at_its_own_budgets_and_the_baselines_at_fine_tunings(tmp_path):
+    from histossl.train import pretrain
+
+    cfg = tiny_config("downstream.protocols=[finetune, linear]", "downstream.fractions=[0.25, 0.5, 1.0]", "downstream.shots=[2]",
+                      "downstream.budgets_of={finetune: {fractions: [1.0], shots: [2]}}")
+    encoders = {name: [pretrain.plan_stages(cfg, entry)[-1]] for name, entry in cfg.encoders.items()}
+    budgets = {}
+    for spec in study.run_specs(cfg, encoders, tmp_path):
+        budgets.setdefault((spec.encoder, spec.protocol), set()).add(spec.budget)
+    assert budgets[("simclr", "linear")] == {0.25, 0.5, 1.0, ("shots", 2)}
+    assert budgets[("simclr", "finetune")] == budgets[("supervised", "finetune")] == {1.0, ("shots", 2)}
+
+
 def test_min_steps_keeps_a_small_subset_training_and_spaces_its_validations():
     d = config.load(None, ["downstream.min_steps=300", "downstream.patience=5", "downstream.epochs=30"]).downstream
     # 5% of a set: 2 batches an epoch -> at least 150 epochs, validated every 15, room for 5 more validations.

@@ -43,6 +43,13 @@ def test_verdict_wording_for_a_known_set_of_records():
                      "95% CI +1.2 to +15.5, 3 paired seeds, Holm-adjusted p = 0.038: shown"]
 
 
+def test_a_budget_without_a_supervised_run_says_so_in_the_report(tmp_path):
+    records = _pair([0.80, 0.70], [0.70, 0.65]) + [_record("simclr", v, s, 0.25, mode="linear", schedule=None) for s, v in enumerate([0.8, 0.7])]
+    (block,) = [b for b in verdict.blocks(records) if hasattr(b, "items")]
+    assert block.items[0].startswith("5% labels: simclr (fine-tuned) beats supervised")
+    assert block.items[1] == "25% labels: no supervised run at this budget, no verdict"
+
+
 def test_one_seed_has_no_interval_and_is_never_shown():
     lines = verdict.verdict_lines(verdict.compare(_pair([0.9], [0.6])))
     assert lines == ["5% labels: simclr (fine-tuned) beats supervised by +30.0 points balanced accuracy, "

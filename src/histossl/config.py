@@ -155,6 +155,14 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class BudgetsConfig:
+    """Some of a study's label budgets (``downstream.budgets_of``): a subset of its fractions and shots."""
+
+    fractions: list[float] = field(default_factory=list)
+    shots: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class EncoderConfig:
     """One pretrained encoder of the study: a method, a start, and the data sets it is trained on in order.
 
@@ -182,6 +190,10 @@ class DownstreamConfig:
     # Empty: ``modes`` (the older key) says which protocols run.
     protocols: list[str] = field(default_factory=list)
     shots: list[int] = field(default_factory=list)  # label budgets of k labelled train images per class, beside ``fractions``
+    # A protocol run at only some of those budgets, e.g. ``{finetune: {fractions: [0.05, 1.0], shots: [10]}}``:
+    # fine-tuning costs minutes a run where the protocols on stored features cost seconds. The supervised
+    # baselines (fine-tuned) follow ``finetune``'s. A protocol not named runs at every budget.
+    budgets_of: dict[str, BudgetsConfig] = field(default_factory=dict, metadata=added_later())
     linear_c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe: inverse L2 strengths tried on validation
     knn_k_grid: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])  # kNN: neighbour counts tried on validation
     knn_temperature: float = 0.07  # kNN vote weight exp(cosine / T) (Wu et al. 2018, arXiv:1805.01978; DINO's eval_knn)
@@ -490,6 +502,16 @@ def downstream_protocols(config: Config) -> list[str]:
     return list(config.downstream.protocols) or list(config.downstream.modes)
 
 
+def protocol_budgets(config: Config, protocol: str) -> list[tuple[float | None, int | None]]:
+    """``(label_fraction, shots)`` of every budget ``protocol`` runs at: the fractions, then the shots
+    (those ``downstream.budgets_of`` names for it, all of them otherwise)."""
+    d = config.downstream
+    only = d.budgets_of.get(protocol)
+    fractions = d.fractions if only is None else [f for f in d.fractions if f in only.fractions]
+    shots = d.shots if only is None else [k for k in d.shots if k in only.shots]
+    return [(f, None) for f in fractions] + [(None, k) for k in shots]
+
+
 def stage_epochs(config: Config, entry: EncoderConfig) -> list[int]:
     """The epochs of each stage of ``entry``'s chain."""
     if isinstance(entry.epochs, list):
@@ -565,6 +587,12 @@ def validate(config: Config) -> None:
     for name in d.protocols:
         need(name in PROTOCOLS, "downstream.protocols", f"unknown protocol {name!r}; registered: {', '.join(PROTOCOLS.names())}")
     need(len(set(d.protocols)) == len(d.protocols), "downstream.protocols", f"protocols repeat: {d.protocols}")
+    for name, only in d.budgets_of.items():
+        key = f"downstream.budgets_of.{name}"
+        need(name in downstream_protocols(config), key, f"{name!r} is not one of the study's protocols ({', '.join(downstream_protocols(config))})")
+        need(set(only.fractions) <= set(d.fractions), f"{key}.fractions", f"{only.fractions} must be among downstream.fractions {d.fractions}")
+        need(set(only.shots) <= set(d.shots), f"{key}.shots", f"{only.shots} must be among downstream.shots {d.shots}")
+        need(len(only.fractions) + len(only.shots) >= 1, key, "give at least one fraction or shots budget (or leave the protocol out)")
     need(len(d.linear_c_grid) >= 1 and all(c > 0 for c in d.linear_c_grid), "downstream.linear_c_grid", f"give positive values, got {d.linear_c_grid}")
     need(len(d.knn_k_grid) >= 1 and all(k >= 1 for k in d.knn_k_grid), "downstream.knn_k_grid", f"give values of at least 1, got {d.knn_k_grid}")
     need(d.knn_temperature > 0, "downstream.knn_temperature", f"must be positive, got {d.knn_temperature}")

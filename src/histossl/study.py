@@ -298,11 +298,6 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
     return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
 
 
-def _budgets(cfg: Config) -> list[tuple[float | None, int | None]]:
-    """(label_fraction, shots) of every label budget: the fractions, then the shots."""
-    return [(f, None) for f in cfg.downstream.fractions] + [(None, k) for k in cfg.downstream.shots]
-
-
 def _run_name(encoder: str, protocol: str, schedule: str | None, fraction: float | None, shots: int | None, seed: int) -> str:
     budget = f"f{fraction:g}" if shots is None else f"k{shots}"
     return "__".join([encoder, protocol, *([schedule] if schedule else []), budget, f"s{seed}"])
@@ -311,18 +306,19 @@ def _run_name(encoder: str, protocol: str, schedule: str | None, fraction: float
 def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path) -> list[downstream.RunSpec]:
     """Encoders x protocols (x lr schedules, where the protocol has one) x budgets x seeds, and the baselines.
 
+    Each protocol runs at its budgets (``config.protocol_budgets``); the baselines at fine-tuning's.
     Downstream seed i runs on the encoder of pretraining seed i mod n (``encoders`` lists one stage per
     pretraining seed); a run on a pretraining seed other than the study seed has ``__p<seed>`` in its name.
-    The supervised baselines are finetune runs, for every schedule, budget and seed.
+    The supervised baselines are finetune runs, for every schedule, fine-tuning budget and seed.
     """
     from histossl.protocols import PROTOCOLS
 
     d = cfg.downstream
     specs = []
-    budgets = _budgets(cfg)
     for name, stages in encoders.items():
         for protocol in config_mod.downstream_protocols(cfg):
             schedules = d.lr_schedules if PROTOCOLS.get(protocol).uses_lr_schedule else [None]
+            budgets = config_mod.protocol_budgets(cfg, protocol)
             for schedule, (fraction, shots), seed in itertools.product(schedules, budgets, d.seeds):
                 stage = stages[d.seeds.index(seed) % len(stages)]
                 suffix = "" if stage.seed == cfg.seed else f"__p{stage.seed}"
@@ -347,6 +343,7 @@ def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path)
             log.warning("supervised baseline from imagenet skipped: no weights at %s", imagenet_weights_path(cfg.backbone.name))
             continue
         name = "supervised" if init == "random" else f"supervised_{pretrain.init_label(init)}"
+        budgets = config_mod.protocol_budgets(cfg, "finetune")
         for schedule, (fraction, shots), seed in itertools.product(d.lr_schedules, budgets, d.seeds):
             specs.append(
                 downstream.RunSpec(

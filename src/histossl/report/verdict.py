@@ -16,7 +16,7 @@ noise, so a single seed is never "shown".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,13 +227,20 @@ def describe(c: Comparison, several_schedules: bool = False) -> str:
     return f"{text}: not shown ({more} paired seeds would be needed to show it)"
 
 
-def verdict_lines(comparisons: list[Comparison]) -> list[str]:
-    """One line per label budget: its best encoder (highest mean) against the strongest supervised baseline."""
+def verdict_lines(comparisons: list[Comparison], unbaselined: Iterable[Budget] = ()) -> list[str]:
+    """One line per label budget: its best encoder (highest mean) against the strongest supervised baseline.
+
+    ``unbaselined``: budgets with encoder results but no supervised run (``downstream.budgets_of`` can
+    leave fine-tuning out of a budget); each gets a line saying so.
+    """
     several = len({c.a.key[2] for c in comparisons} - {"None"}) > 1  # "None": a protocol without an lr schedule
     lines = []
-    for budget in sorted({c.a.key[0] for c in comparisons}, key=lambda b: (b[0] != "shots", b[1])):  # fewest labels first
+    unbaselined = set(unbaselined)
+    for budget in sorted({c.a.key[0] for c in comparisons} | unbaselined, key=lambda b: (b[0] != "shots", b[1])):  # fewest labels first
         against = [c for c in comparisons if c.kind == SUPERVISED and c.a.key[0] == budget]
         if not against:
+            if budget in unbaselined:
+                lines.append(f"{budget_label(budget)}: no supervised run at this budget, no verdict")
             continue
         best = max(against, key=lambda c: (c.a.mean, c.b.mean))  # ties: the first in table order
         lines.append(f"{budget_label(budget)}: {describe(best, several)}")
@@ -302,8 +309,10 @@ EXPLANATION = (
 def blocks(records: list[dict[str, Any]], predictions: PredictionsOf | None = None) -> list[Block]:
     """The report's verdict section: the lines, how to read them, the comparisons and the per-cell intervals."""
     comparisons = compare(records, predictions)
-    lines = verdict_lines(comparisons)
-    if not lines:
+    cells = cells_of(records).values()
+    baselined = {c.key[0] for c in cells if c.supervised}
+    lines = verdict_lines(comparisons, {c.key[0] for c in cells if c.key[0] not in baselined} if baselined else ())
+    if not any(c.kind == SUPERVISED for c in comparisons):
         reason = "no supervised baseline" if not any(r.get("method") == "supervised" for r in records) else "nothing to compare"
         return [Heading(2, "Verdict"), Paragraph(f"No verdict: {reason} in these records.")]
     return [
