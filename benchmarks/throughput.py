@@ -29,6 +29,7 @@ numbers), for large images where a CPU step would take minutes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="trainer.compile (torch.compile of the encoder)")
     p.add_argument("--skip-model", action="store_true", help="measure the two data paths only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("sgd", "adamw", "lars"), default=None, help="pretrain.optim.optimizer (default: histossl's)")
+    p.add_argument("--lr", type=float, default=None, help="pretrain.optim.lr (default: histossl's)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p.parse_args(argv)
 
@@ -97,7 +100,7 @@ def build_config(args: argparse.Namespace, cuda: bool):
             "image_size": args.image_size,
             "cache_dir": args.cache_dir,
             "backbone": {"name": args.backbone, "stem": args.stem},
-            "pretrain": {"batch_size": args.batch_size},
+            "pretrain": {"batch_size": args.batch_size, "optim": {k: v for k, v in (("optimizer", args.optimizer), ("lr", args.lr)) if v is not None}},
             "downstream": {"batch_size": args.batch_size},
             "trainer": {
                 "accelerator": "gpu" if cuda else "cpu",
@@ -231,8 +234,13 @@ def histossl_loader(bench: Bench, images: np.ndarray, labels: np.ndarray, batche
 
 
 def measure_model_only(bench: Bench, images: np.ndarray, labels: np.ndarray) -> float:
-    """Forward + backward + optimizer step on one ready-made batch of views, reused every step."""
+    """Forward + backward + optimizer step on one ready-made batch of views, reused every step.
+
+    The module's weights and buffers are put back afterwards: full-lr steps without warm-up on one
+    batch can blow a method up (VICReg at SGD lr 0.06), and ``end_to_end`` must start from the init.
+    """
     args, device = bench.args, bench.device
+    saved = copy.deepcopy(bench.module.state_dict())
     batch = torch.from_numpy(np.ascontiguousarray(images[: args.batch_size])).to(device)
     y = torch.from_numpy(labels[: args.batch_size]).to(device)
     x, target = bench.capture_views(batch, y)
@@ -247,7 +255,9 @@ def measure_model_only(bench: Bench, images: np.ndarray, labels: np.ndarray) -> 
             start = time.perf_counter()
         model_step(bench, optimizer, autocast, x, target)
     sync(device)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    bench.module.load_state_dict(saved)
+    return args.batch_size * args.steps / seconds
 
 
 def model_step(bench: Bench, optimizer, autocast, x, target) -> None:
@@ -446,6 +456,7 @@ def measure_reference(bench: Bench, index, with_model: bool) -> float:
     data = reference_loader(bench, index, args.warmup + args.steps)
     optimizer = bench.optimizer() if with_model else None
     autocast = _autocast(bench)
+    saved = copy.deepcopy(bench.module.state_dict())  # put back afterwards, as in measure_model_only
     bench.module.train()
     start = 0.0
     for i, (views, y) in enumerate(data):
@@ -456,7 +467,9 @@ def measure_reference(bench: Bench, index, with_model: bool) -> float:
         if with_model:
             model_step(bench, optimizer, autocast, x, target)
     sync(device)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    bench.module.load_state_dict(saved)
+    return args.batch_size * args.steps / seconds
 
 
 # ----------------------------------------------------------------------------------------------

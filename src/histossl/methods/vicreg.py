@@ -8,9 +8,11 @@ paper's weights (invariance 25, variance 25, covariance 1).
 Departures from the paper: expander width 2048, not 8192 (CPU budget); histology views
 (``pretrain.views``).
 
-Optimizer: the paper trains with LARS; use ``pretrain.optim.optimizer: lars``. With SGD at the
-default lr (0.06) the loss diverged on the tiny synthetic set at batch 8 (the stage then stops with
-one line), while LARS at the same lr was stable (measured, 16 px, 4 epochs).
+Optimizer: not histossl's default. With SGD at the default lr (0.06) the loss diverges (the tiny
+synthetic set at batch 8; idc-breast at 64 px, batch 128, within 12 steps of
+``benchmarks/throughput.py``); the stage then stops with one line. The paper's LARS is stable but
+learned little in a CPU budget (``docs/benchmarks/methods-ebhi/lars``); AdamW at lr 1e-3
+(``pretrain.optim: {optimizer: adamw, lr: 1.0e-3}``, as ``configs/methods-ebhi.yaml``) trained it.
 """
 
 from dataclasses import dataclass
