@@ -207,8 +207,11 @@ def hit_maximum(records: list[dict[str, Any]]) -> list[Flag]:
         return []
     shown = ", ".join(f"`{r}`" for r in runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
     return [Flag("hit_maximum", f"{len(runs)} run(s) reached their maximum of epochs while validation was still "
-                 f"improving ({shown}): they may be starved; raise `downstream.epochs` (fine-tuning) or "
-                 "`downstream.frozen_epochs` (heads on frozen features).", tuple(runs))]
+                 f"improving ({shown}): they may be starved. Their maximum is `downstream.epochs` (fine-tuning) or "
+                 "`downstream.frozen_epochs` (heads on frozen features), or what `downstream.min_steps` needs if that "
+                 "is more. A cosine schedule decays over the maximum, so its best epoch comes late whatever the "
+                 "maximum: whether more training helps is a comparison on validation of a study with twice the "
+                 "steps (`downstream.test: false`, `benchmarks/tune_table.py`).", tuple(runs))]
 
 
 def is_diverged(record: dict[str, Any]) -> bool:
