@@ -284,6 +284,18 @@ def test_adding_protocols_and_shots_to_a_finished_study_resumes_it(tmp_path):
     assert config.load(out / "config.yaml").downstream.protocols == ["finetune", "linear", "knn"]
     with pytest.raises(ConfigError, match="downstream.protocols"):  # dropping one would mix studies
         study.check_config(config.load(None, ["downstream.protocols=[linear]"]), out)
+    # Fine-tuning at fewer budgets would drop recorded runs; at more (or all of them again), adds runs.
+    narrowed = config.load(None, ["downstream.protocols=[finetune, linear, knn]", "downstream.shots=[5]",
+                                  "downstream.budgets_of={finetune: {fractions: [0.05]}}"])
+    with pytest.raises(ConfigError, match="downstream.budgets_of"):
+        study.check_config(narrowed, out)
+    restricted = tmp_path / "restricted"
+    restricted.mkdir()
+    study.write_config(narrowed, restricted)
+    (restricted / "results.jsonl").write_text((out / "results.jsonl").read_text())
+    study.check_config(grown, restricted)  # fine-tuning back at every budget: accepted
+    study.write_config(grown, restricted)
+    assert config.load(restricted / "config.yaml").downstream.budgets_of == {}
     other = config.load(None, ["downstream.protocols=[finetune, linear, knn]", "downstream.shots=[5]", "downstream.lr=0.5"])
     study.write_config(other, out)  # never overwritten by a config that changes a recorded setting
     assert config.load(out / "config.yaml").downstream.lr == grown.downstream.lr

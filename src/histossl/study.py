@@ -126,22 +126,31 @@ def check_config(cfg: Config, out: Path) -> None:
 
 
 def _accept_added_budgets_and_protocols(old: dict, new: dict) -> dict:
-    """``old`` with the new protocols, fractions and shots when the new config only adds to them.
+    """``old`` with the new protocols, fractions, shots and ``budgets_of`` when the new config only adds runs.
 
-    Adding ``linear`` and ``knn`` (or a 5-shot budget) to a finished study adds runs and leaves every
-    recorded run valid, so it resumes the study instead of refusing it.
+    Adding ``linear`` and ``knn`` (or a 5-shot budget, or a budget to fine-tuning's ``budgets_of``) to a
+    finished study adds runs and leaves every recorded run valid, so it resumes the study instead of
+    refusing it.
     """
     try:
         o, n = old["downstream"], new["downstream"]
-        grows = (set(o.get("protocols") or o.get("modes") or []) <= set(n.get("protocols") or n.get("modes") or [])
-                 and set(o.get("fractions") or []) <= set(n.get("fractions") or [])
-                 and set(o.get("shots") or []) <= set(n.get("shots") or []))
+        old_protocols = o.get("protocols") or o.get("modes") or []
+        grows = set(old_protocols) <= set(n.get("protocols") or n.get("modes") or []) and all(
+            _budgets_of(o, p) <= _budgets_of(n, p) for p in {*old_protocols, "finetune"})  # finetune: the baselines'
     except (KeyError, TypeError, AttributeError):
         return old
     if not grows:
         return old
-    keys = ("protocols", "modes", "fractions", "shots")
+    keys = ("protocols", "modes", "fractions", "shots", "budgets_of")
     return {**old, "downstream": {**o, **{k: n[k] for k in keys if k in n}}}
+
+
+def _budgets_of(downstream: dict, protocol: str) -> set[tuple[str, float]]:
+    """The budgets a written config's ``downstream`` runs ``protocol`` at (``config.protocol_budgets`` on plain data)."""
+    only = (downstream.get("budgets_of") or {}).get(protocol)
+    fractions = [f for f in downstream.get("fractions") or [] if only is None or f in (only.get("fractions") or [])]
+    shots = [k for k in downstream.get("shots") or [] if only is None or k in (only.get("shots") or [])]
+    return {("fraction", f) for f in fractions} | {("shots", k) for k in shots}
 
 
 def _first_difference(a, b, key: str = "") -> str | None:
