@@ -337,9 +337,11 @@ def main(argv: list[str] | None = None) -> Path:
     records = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
     text = table(records, epochs, calibration, args.budget_s, verdict_lines(args.out, records), expected_runs(cfg, args.out))
     runs = provenance.load(args.out)
-    wall = sum(r["wall_s"] or 0 for r in runs)
-    text += (f"\nWall time: calibration {calibration.get('calibration_s', 0):.0f} s, study {wall / 3600:.2f} h over {len(runs)} "
-             f"invocation(s) ({calibration['machine']}; torch {calibration['versions'].get('torch')}, histossl "
+    pretraining = sum(float(json.loads(p.read_text()).get("wall_s") or 0) for p in (args.out / "pretrain").glob("*/stage.json"))
+    downstream_s = sum(float(r.get("wall_s") or 0) for r in records)
+    text += (f"\nCompute: calibration {calibration.get('calibration_s', 0):.0f} s, pretraining {pretraining / 3600:.2f} h, "
+             f"downstream {downstream_s / 3600:.2f} h (each stage's and run's own time; {len(runs)} invocation(s), "
+             f"{sum(r['wall_s'] is None for r in runs)} of them interrupted) ({calibration['machine']}; torch {calibration['versions'].get('torch')}, histossl "
              f"{calibration['versions'].get('histossl')}). Command: `python benchmarks/methods.py "
              f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]) if a != '--table-only')}`\n")
     atomic_write_text(args.out / TABLE, text)
