@@ -6,7 +6,7 @@ import numpy as np
 from histossl import config
 from histossl.data.splits import shot_subsets
 from histossl.report.flags import find_flags
-from histossl.train.downstream import RunSpec, TargetData, run
+from histossl.train.downstream import RunSpec, TargetData, how_it_ended, run
 
 
 def _frozen_run(tmp_path, features, labels, **downstream):
@@ -76,3 +76,11 @@ def test_min_steps_trains_that_many_steps_before_early_stopping_may_end_a_run(tm
     record = _frozen_run(tmp_path, features, labels, frozen_epochs=20, patience=3, select_metric="val_loss", min_steps=40)
     assert record.steps >= 40 and record.stopped == "early"
     assert record.epochs >= 40 + 3 * 4  # the maximum grew to the minimum plus patience (validated every 4th epoch)
+
+
+def test_a_run_whose_best_epoch_is_long_past_when_its_maximum_comes_is_not_still_improving():
+    # EBHI, 5% fine-tuning, min_steps 300: validated every 15 epochs, patience 5, maximum 225 epochs.
+    assert how_it_ended(True, False, best_epoch=59, epochs_run=225, patience=5, every=15) == "early"  # 11 validations without a better one
+    assert how_it_ended(True, False, best_epoch=209, epochs_run=225, patience=5, every=15) == "max"  # one validation ago
+    assert how_it_ended(True, True, best_epoch=30, epochs_run=100, patience=5, every=15) == "early"
+    assert how_it_ended(False, False, best_epoch=59, epochs_run=225, patience=5, every=15) == "budget"

@@ -249,8 +249,24 @@ def fit_and_select(
     module.load_state_dict(best["state_dict"])
     module.eval()
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    stopped = "budget" if stopper is None else ("early" if stopper.stopped_epoch > 0 else "max")
+    stopped = how_it_ended(stopper is not None, stopper is not None and stopper.stopped_epoch > 0, int(best["epoch"]),
+                           int(trainer.current_epoch), d.patience, plan.val_every)
     return Trained(int(trainer.global_step), int(best["epoch"]), int(trainer.current_epoch), stopped)
+
+
+def how_it_ended(watched: bool, fired: bool, best_epoch: int, epochs_run: int, patience: int | None, every: int) -> str:
+    """``budget`` (no early stopping), ``early`` or ``max`` (the maximum came while validation was still improving).
+
+    ``early`` also when the maximum came with no better validation in the last ``patience`` ones: with
+    ``min_steps`` early stopping counts from the first validation after the minimum, so a run whose
+    best epoch came before it can reach the maximum without early stopping firing, long after it
+    stopped improving (0-based ``best_epoch``).
+    """
+    if not watched:
+        return "budget"
+    if fired or (patience is not None and epochs_run - (best_epoch + 1) >= patience * every):
+        return "early"
+    return "max"
 
 
 def spec_fields(cfg: Config, spec: RunSpec) -> dict:
