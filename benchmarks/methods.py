@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> Path:
     downstream_s = sum(float(r.get("wall_s") or 0) for r in records)
     text += (f"\nCompute: calibration {calibration.get('calibration_s', 0):.0f} s, pretraining {pretraining / 3600:.2f} h, "
              f"downstream {downstream_s / 3600:.2f} h (each stage's and run's own time; {len(runs)} invocation(s), "
-             f"{sum(r["wall_s"] is None for r in runs)} without an end: interrupted or running) ({calibration['machine']}; torch {calibration['versions'].get('torch')}, histossl "
+             f"{sum(r['wall_s'] is None for r in runs)} without an end: interrupted or running) ({calibration['machine']}; torch {calibration['versions'].get('torch')}, histossl "
              f"{calibration['versions'].get('histossl')}). Command: `python benchmarks/methods.py "
              f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]) if a != '--table-only')}`\n")
     atomic_write_text(args.out / TABLE, text)
