@@ -171,6 +171,16 @@ def test_collapsed_run_flagged_with_its_folder(study):
     assert _cell(_tables(study)["loss_acc/frozen/constant"], "100%", "rotnet ⚠").endswith(" ⚠")
 
 
+def test_below_the_majority_rate_is_not_collapse_for_a_run_chosen_for_balanced_accuracy():
+    from histossl.report.flags import collapse_reasons
+
+    run = {"test_acc": 0.30, "test_majority_acc": 0.35, "test_balanced_acc": 0.45, "classes": list("abcdef"), "test_loss": 1.5}
+    assert collapse_reasons(run) and "majority" in collapse_reasons(run)[0]
+    assert collapse_reasons({**run, "select_metric": "val_balanced_acc"}) == []
+    assert collapse_reasons({**run, "threshold": 0.64}) == []
+    assert "at chance" in collapse_reasons({**run, "select_metric": "val_balanced_acc", "test_balanced_acc": 0.17})[0]
+
+
 def test_pretext_at_chance_flagged_and_above_chance_not(study):
     warnings = (study / "report.md").read_text().split("## Warnings")[1].split("\n## ")[0]
     assert "`pretrain/rotnet_target_aaa`" in warnings and "learnt nothing" in warnings
