@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -19,3 +21,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real data expected at {SHARED_DATA} (../shared/data beside the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    """``ROOT/<class>/*.png``: 2 classes x 8 images of 20 x 24 px (not square, not a bench size)."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    return tmp_path / "data"

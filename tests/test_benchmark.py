@@ -7,24 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "throughput.py"
 KEYS = ("model_only_img_s", "end_to_end_img_s", "reference_img_s", "data_path_img_s", "reference_data_path_img_s")
-
-
-@pytest.fixture
-def tiny_folder(tmp_path) -> Path:
-    """``ROOT/<class>/*.png``: 2 classes x 8 images of 20 x 24 px (not square, not the bench size)."""
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
-    return tmp_path / "data"
 
 
 def _args(data: Path, tmp_path: Path, method: str) -> list[str]:

@@ -5,28 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 
-import numpy as np
-import pytest
-from PIL import Image
-
 from histossl.data import fingerprint as fp
 from histossl.data.sources import load_index
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for cls in ("tumour", "stroma"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
-    return tmp_path / "data"
-
-
-def test_a_copy_has_the_same_fingerprint_and_an_edit_another(tmp_path, image_folder):
+def test_a_copy_has_the_same_fingerprint_and_an_edit_another(tmp_path, tiny_folder):
     copy = tmp_path / "copy"
-    shutil.copytree(image_folder, copy, copy_function=shutil.copyfile)  # new modification times
-    first, second = fp.fingerprint(load_index(image_folder, labels=False)), fp.fingerprint(load_index(copy, labels=False))
+    shutil.copytree(tiny_folder, copy, copy_function=shutil.copyfile)  # new modification times
+    first, second = fp.fingerprint(load_index(tiny_folder, labels=False)), fp.fingerprint(load_index(copy, labels=False))
     assert first["digest"] == second["digest"] and first["content"]
     image = next(copy.rglob("*.png"))
     data = bytearray(image.read_bytes())
@@ -35,8 +21,8 @@ def test_a_copy_has_the_same_fingerprint_and_an_edit_another(tmp_path, image_fol
     assert fp.fingerprint(load_index(copy, labels=False))["digest"] != first["digest"]
 
 
-def test_hashes_are_reused_for_files_whose_size_and_date_are_unchanged(tmp_path, image_folder):
-    index = load_index(image_folder, labels=False)
+def test_hashes_are_reused_for_files_whose_size_and_date_are_unchanged(tmp_path, tiny_folder):
+    index = load_index(tiny_folder, labels=False)
     files = fp.listing(index)
     rel = next(iter(files))
     size, mtime, _ = files[rel]
@@ -45,9 +31,9 @@ def test_hashes_are_reused_for_files_whose_size_and_date_are_unchanged(tmp_path,
     assert fp.listing(index, {**files, rel: (size, mtime + 1, "from-the-cache")})[rel][2] == files[rel][2]  # read again
 
 
-def test_a_fingerprint_from_before_content_hashing_compares_by_paths_and_sizes(tmp_path, image_folder):
+def test_a_fingerprint_from_before_content_hashing_compares_by_paths_and_sizes(tmp_path, tiny_folder):
     out = tmp_path / "out"
-    index = load_index(image_folder, labels=False)
+    index = load_index(tiny_folder, labels=False)
     files = fp.listing(index)
     now = fp.fingerprint(index, files)
     fp.save_listing(out, "target", now, files)
