@@ -134,23 +134,17 @@ def _accept_added_budgets_and_protocols(old: dict, new: dict) -> dict:
     """
     try:
         o, n = old["downstream"], new["downstream"]
-        old_protocols = o.get("protocols") or o.get("modes") or []
-        grows = set(old_protocols) <= set(n.get("protocols") or n.get("modes") or []) and all(
-            _budgets_of(o, p) <= _budgets_of(n, p) for p in {*old_protocols, "finetune"})  # finetune: the baselines'
-    except (KeyError, TypeError, AttributeError):
+        before, after = config_mod.from_dict(old), config_mod.from_dict(new)
+        old_protocols = config_mod.downstream_protocols(before)
+        grows = set(old_protocols) <= set(config_mod.downstream_protocols(after)) and all(
+            set(config_mod.protocol_budgets(before, p)) <= set(config_mod.protocol_budgets(after, p))
+            for p in {*old_protocols, "finetune"})  # finetune: the baselines'
+    except (KeyError, TypeError, AttributeError, ConfigError):
         return old
     if not grows:
         return old
     keys = ("protocols", "modes", "fractions", "shots", "budgets_of")
     return {**old, "downstream": {**o, **{k: n[k] for k in keys if k in n}}}
-
-
-def _budgets_of(downstream: dict, protocol: str) -> set[tuple[str, float]]:
-    """The budgets a written config's ``downstream`` runs ``protocol`` at (``config.protocol_budgets`` on plain data)."""
-    only = (downstream.get("budgets_of") or {}).get(protocol)
-    fractions = [f for f in downstream.get("fractions") or [] if only is None or f in (only.get("fractions") or [])]
-    shots = [k for k in downstream.get("shots") or [] if only is None or k in (only.get("shots") or [])]
-    return {("fraction", f) for f in fractions} | {("shots", k) for k in shots}
 
 
 def _first_difference(a, b, key: str = "") -> str | None:
