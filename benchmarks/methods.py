@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> Path:
     from histossl import config as config_mod, provenance, study
     from histossl.io import atomic_write_json, atomic_write_text
     from histossl.methods import METHODS
+    from histossl.report.records import load_stages
 
     args.out.mkdir(parents=True, exist_ok=True)
     methods = args.methods or list(METHODS.names())
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> Path:
     records = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
     text = table(records, epochs, calibration, args.budget_s, verdict_lines(args.out, records), expected_runs(cfg, args.out))
     runs = provenance.load(args.out)
-    pretraining = sum(float(json.loads(p.read_text()).get("wall_s") or 0) for p in (args.out / "pretrain").glob("*/stage.json"))
+    pretraining = sum(float(stage.info.get("wall_s") or 0) for stage in load_stages(args.out))
     downstream_s = sum(float(r.get("wall_s") or 0) for r in records)
     text += (f"\nCompute: calibration {calibration.get('calibration_s', 0):.0f} s, pretraining {pretraining / 3600:.2f} h, "
              f"downstream {downstream_s / 3600:.2f} h (each stage's and run's own time; {len(runs)} invocation(s), "
