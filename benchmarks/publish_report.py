@@ -1,10 +1,17 @@
 """Copy a study's report into docs/: report.md, report.html, results.jsonl, config.yaml, split.csv,
 invocations.jsonl, the methods benchmark's files where present (methods.md, calibration.json,
-methods-study.yaml) and the accuracy-against-fraction figure. The other figures stay embedded in the
+methods-study.yaml), each pretraining stage's description and curves (``pretrain/<stage>/stage.json``
+and ``metrics.csv``; not its weights) and the accuracy-against-fraction figure. The other figures stay embedded in the
 self-contained report.html; report.md points there instead of to PNG files (fewer binary files in git).
 A report.html over 1 MiB (a study with many pretraining stages embeds every curve) stays in the study
 folder: report.md then says the figure is in the study's report.html, which is not committed.
     python benchmarks/publish_report.py out/idc-cpu docs/benchmarks/idc/idc-cpu
+
+``--restore DOCS OUT`` goes the other way, for a study whose folder was lost: it copies the records,
+config, split and stage descriptions back into a new study folder, and rerunning the study's command
+there runs only the missing runs, retraining only the encoders those runs read (pretraining is
+deterministic on a CPU: same seed, same weights).
+    python benchmarks/publish_report.py --restore docs/benchmarks/methods-ebhi/adamw out/methods-ebhi
 """
 
 import re
@@ -15,6 +22,17 @@ from pathlib import Path
 HTML_LIMIT = 1 << 20  # bytes
 KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "invocations.jsonl",
         "methods.md", "calibration.json", "methods-study.yaml")  # the last three: benchmarks/methods.py
+RESTORE = tuple(name for name in KEEP if name not in ("report.html", "methods.md"))
+STAGE_FILES = ("stage.json", "metrics.csv")
+
+
+def copy_stages(src: Path, dest: Path) -> None:
+    """``pretrain/<stage>/stage.json`` and ``metrics.csv`` of every stage of ``src``, into ``dest``."""
+    for stage in sorted((src / "pretrain").glob("*/stage.json")):
+        (dest / "pretrain" / stage.parent.name).mkdir(parents=True, exist_ok=True)
+        for name in STAGE_FILES:
+            if (stage.parent / name).is_file():
+                shutil.copy(stage.parent / name, dest / "pretrain" / stage.parent.name / name)
 
 
 def publish(src: Path, dest: Path) -> None:
@@ -25,6 +43,7 @@ def publish(src: Path, dest: Path) -> None:
     for name in KEEP:
         if (src / name).is_file() and (name != "report.html" or with_html):
             shutil.copy(src / name, dest / name)
+    copy_stages(src, dest)
     where = "in [report.html](report.html)" if with_html else "in the study folder's report.html, too large to commit"
     kept = sorted(p for pattern in ("accuracy_vs_*.png", "difference_to_supervised.png") for p in (src / "figures").glob(pattern))
     for figure in kept:
@@ -39,5 +58,18 @@ def publish(src: Path, dest: Path) -> None:
     (dest / "report.md").write_text(re.sub(r"!\[([^\]]*)\]\((figures/[^)]+)\)", link, text), encoding="utf-8")
 
 
+def restore(docs: Path, out: Path) -> None:
+    if (out / "results.jsonl").exists():
+        sys.exit(f"{out / 'results.jsonl'} exists: restore into a new folder (nothing copied)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RESTORE:
+        if (docs / name).is_file():
+            shutil.copy(docs / name, out / name)
+    copy_stages(docs, out)
+
+
 if __name__ == "__main__":
-    publish(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--restore":
+        restore(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        publish(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -58,6 +58,7 @@ def test_tiny_run_end_to_end_and_resumes(grouped_folder, tmp_path):
             "--methods", "simclr", "rotnet", "--calibration-steps", "1",
             "--set", "pretrain.batch_size=8", "--set", "split.val_fraction=0.2", "--set", "split.test_fraction=0.3",
             "--set", "downstream.fractions=[1.0]", "--set", "downstream.epochs=2", "--set", "downstream.knn_k_grid=[3]",
+            "--set", "downstream.min_steps=0",  # the base config's 300 steps are 300 one-batch epochs here (minutes)
             "--set", f"cache_dir={tmp_path / 'cache'}"]
     table = bench.main(argv)
     calibration = json.loads((out / "calibration.json").read_text())

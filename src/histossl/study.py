@@ -263,21 +263,41 @@ def target_data(cfg: Config, target: Dataset, out: Path) -> tuple[downstream.Tar
     return data, subsets
 
 
-def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict[str, list[pretrain.Stage]]:
-    """Run every stage of every encoder entry (or of ``names``) for every pretraining seed.
-
-    Returns, per entry, its last stage for each pretraining seed, in the order of the seeds.
-    """
+def plan_encoders(cfg: Config, names: list[str] | None = None) -> dict[str, list[list[pretrain.Stage]]]:
+    """Per encoder entry (or per entry of ``names``), its stages for each pretraining seed, in seed order."""
     entries = {n: e for n, e in cfg.encoders.items() if names is None or n in names}
-    plans = {
+    return {
         name: [pretrain.plan_stages(cfg, entry, seed) for seed in config_mod.pretrain_seeds(cfg)]
         for name, entry in entries.items()
     }
+
+
+def last_stages(plans: dict[str, list[list[pretrain.Stage]]]) -> dict[str, list[pretrain.Stage]]:
+    """Per entry, the stage that makes its encoder, one per pretraining seed."""
+    return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
+
+
+def stage_done(out: Path, stage: pretrain.Stage) -> bool:
+    folder = out / "pretrain" / stage.folder
+    return (folder / "stage.json").is_file() and (folder / "encoder.safetensors").is_file()
+
+
+def pretrain_all(
+    cfg: Config, out: Path, names: list[str] | None = None, needed: set[str] | None = None
+) -> dict[str, list[pretrain.Stage]]:
+    """Run every stage of every encoder entry (or of ``names``) for every pretraining seed.
+
+    ``needed``: the folders of the encoders some run still needs; an encoder outside it is not
+    (re)made (a study restored from its published records retrains only what its missing runs use).
+    Returns, per entry, its last stage for each pretraining seed, in the order of the seeds.
+    """
+    plans = plan_encoders(cfg, names)
     loaded: dict[str, Dataset] = {}
     splits: dict[str, np.ndarray] = {}
     for name, per_seed in plans.items():
-        for stage in (s for stages in per_seed for s in stages):
-            if (out / "pretrain" / stage.folder / "stage.json").is_file():
+        wanted = [stages for stages in per_seed if needed is None or stages[-1].folder in needed]
+        for stage in (s for stages in wanted for s in stages):
+            if stage_done(out, stage):
                 continue
             if stage.dataset not in loaded:
                 loaded[stage.dataset] = load_dataset(cfg, stage.dataset, out)
@@ -298,7 +318,14 @@ def pretrain_all(cfg: Config, out: Path, names: list[str] | None = None) -> dict
                     f"pretraining stage {stage.folder} diverged ({err}); lower pretrain.optim.lr "
                     f"(now {cfg.pretrain.optim.lr:g}) and rerun"
                 ) from None
-    return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
+    return last_stages(plans)
+
+
+def unrecorded_encoders(cfg: Config, out: Path) -> set[str]:
+    """The pretraining folders of the encoders that runs not yet in results.jsonl read."""
+    specs = run_specs(cfg, last_stages(plan_encoders(cfg)), out)
+    done = records.finished_runs(out / RESULTS, repair=False)
+    return {Path(s.pretrain_dir).name for s in specs if s.pretrain_dir and f"downstream/{s.name}" not in done}
 
 
 def _run_name(encoder: str, protocol: str, schedule: str | None, fraction: float | None, shots: int | None, seed: int) -> str:
@@ -459,7 +486,7 @@ def join_study(cfg: Config, out: Path, downstream_runs: bool = True, evaluate: l
     if evaluate is not None:
         run_downstream(cfg, out, evaluate)
     else:
-        encoders = pretrain_all(cfg, out)
+        encoders = pretrain_all(cfg, out, needed=unrecorded_encoders(cfg, out) if downstream_runs else None)
         if downstream_runs:
             run_downstream(cfg, out, run_specs(cfg, encoders, out))
     return out / RESULTS
@@ -478,7 +505,7 @@ def run_study(cfg: Config, out: Path) -> Path:
             write_config(cfg, out)
             ranks.wait_for_owner(_backend(cfg))  # torchrun: the other ranks start now
             target_data(cfg, load_dataset(cfg, cfg.target, out), out)  # bad budgets fail now, not after pretraining
-            encoders = pretrain_all(cfg, out)
+            encoders = pretrain_all(cfg, out, needed=unrecorded_encoders(cfg, out))
             run_downstream(cfg, out, run_specs(cfg, encoders, out))
         if not cfg.downstream.test:
             log.info("tuning study (downstream.test: false): no report; compare the val_* fields of %s", out / RESULTS)
