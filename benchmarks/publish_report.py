@@ -9,8 +9,9 @@ folder: report.md then says the figure is in the study's report.html, which is n
 
 ``--restore DOCS OUT`` goes the other way, for a study whose folder was lost: it copies the records,
 config, split and stage descriptions back into a new study folder, and rerunning the study's command
-there runs only the missing runs, retraining only the encoders those runs read (pretraining is
-deterministic on a CPU: same seed, same weights).
+there runs only the missing runs, retraining only the encoders those runs read. A retrained encoder
+is the first one bit for bit only with the same code on the same kind of CPU: its ``stage.json`` says
+whether its curve matched the published one (``remade.same_curve``) and the report flags it when not.
     python benchmarks/publish_report.py --restore docs/benchmarks/methods-ebhi/adamw out/methods-ebhi
 """
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from histossl import records
 from histossl.cli import main
+from histossl.report.flags import find_flags
+from histossl.report.records import Stage, load_stages
 from test_study import study_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +45,13 @@ def test_a_restored_study_retrains_only_the_encoders_its_missing_runs_read(tmp_p
     rotnet = next(s for s in stages if s.startswith("rotnet"))
     assert (out / "pretrain" / simclr / "encoder.safetensors").is_file()
     assert not (out / "pretrain" / rotnet / "encoder.safetensors").exists()  # all its runs were recorded
-    # Pretraining on a CPU is deterministic: the retrained stage has the published curve.
+    # Same code, same machine: the retrained stage has the published curve, and says so.
     assert (out / "pretrain" / simclr / "metrics.csv").read_text() == (first / "pretrain" / simclr / "metrics.csv").read_text()
+    assert (out / "pretrain" / simclr / "metrics.first.csv").read_text() == (docs / "pretrain" / simclr / "metrics.csv").read_text()
+    stage_json = json.loads((out / "pretrain" / simclr / "stage.json").read_text())
+    assert stage_json["remade"]["same_curve"] is True
+    assert not [f for f in find_flags(records.load(out / "results.jsonl"), load_stages(out)) if f.kind == "remade"]
+    assert "remade" not in json.loads((out / "pretrain" / rotnet / "stage.json").read_text())  # not retrained
     report = (out / "report.md").read_text()
     assert rotnet in report and simclr in report  # both stages described, from their published stage.json
 
@@ -60,3 +67,15 @@ def test_restore_refuses_a_folder_with_records(tmp_path):
         assert "results.jsonl exists" in str(stop)
     else:
         raise AssertionError("restore overwrote a folder with records")
+
+
+def test_a_remade_encoder_whose_curve_differs_is_flagged():
+    def stage(remade):
+        info = {"method": "rotnet", "chain": "ebhi", **({"remade": remade} if remade else {})}
+        return Stage("pretrain/rotnet_ebhi_8ef45ee9_seed1", info, [0, 1], [1.3, 1.14586], [0.36, 0.41], [], [])
+
+    differs = {"same_curve": False, "first_last_epoch": {"epoch": "1", "pretext_loss": "1.1454"}}
+    flags = [f for f in find_flags([], [stage(differs)]) if f.kind == "remade"]
+    assert len(flags) == 1 and flags[0].stage == "pretrain/rotnet_ebhi_8ef45ee9_seed1"
+    assert "1.1454 then, 1.14586 now" in flags[0].message and "not the same weights" in flags[0].message
+    assert not [f for f in find_flags([], [stage({"same_curve": True}), stage(None)]) if f.kind == "remade"]

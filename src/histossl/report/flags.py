@@ -11,6 +11,9 @@
    rounds to 1; a class is never left with none, the subsets keep one): its cells rest on one example.
 5. A run that hit its maximum of epochs with early stopping on: its validation metric was still
    improving within the last ``patience`` validations, so the run may be starved (raise the maximum).
+6. A pretraining stage trained again after its weights were lost (a study restored from its published
+   copy) whose curve is not the first training's: runs recorded before and after used different
+   encoders of the same recipe and seed.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ COLLAPSE_EFFECTIVE_RANK = 2.0
 class Flag:
     """A warning for the reader. ``runs`` are downstream run folders; ``stage`` a pretraining stage."""
 
-    kind: str  # "diverged" | "collapsed" | "pretext_chance" | "embedding_collapsed" | "identical" | "few_labels" | "hit_maximum"
+    kind: str  # "diverged" | "collapsed" | "pretext_chance" | "embedding_collapsed" | "identical" | "few_labels" | "hit_maximum" | "remade"
     message: str
     runs: tuple[str, ...] = ()
     stage: str | None = None
@@ -152,6 +155,26 @@ def collapsed_encoders(stages: list[Stage]) -> list[Flag]:
     return flags
 
 
+def remade_encoders(stages: list[Stage]) -> list[Flag]:
+    flags = []
+    for stage in stages:
+        remade = stage.info.get("remade")
+        if isinstance(remade, dict) and not remade.get("same_curve"):
+            first = remade.get("first_last_epoch") or {}
+            loss = f" (last pretext loss {first.get('pretext_loss')} then, {stage.pretext_loss[-1]:.6g} now)" if first and stage.pretext_loss else ""
+            flags.append(
+                Flag(
+                    "remade",
+                    f"Encoder of `{stage.folder}` was pretrained again after its weights were lost (a restored study) "
+                    f"and its curve differs from the first training's{loss}: runs recorded before the restore used the "
+                    "first encoder, later runs this one; same recipe and seed, not the same weights (another kind of "
+                    "CPU or other code rounds differently).",
+                    stage=stage.folder,
+                )
+            )
+    return flags
+
+
 def identical_results(records: list[dict[str, Any]]) -> list[Flag]:
     """Distinct runs whose (test loss, test accuracy) agree to the report's precision (4 decimals, 0.01%)."""
     groups: dict[tuple[float, float], list[str]] = {}
@@ -237,7 +260,7 @@ def diverged_runs(records: list[dict[str, Any]]) -> list[Flag]:
 
 def find_flags(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
     """All warnings, in a stable order: diverged runs, collapsed runs, pretext tasks at chance, collapsed
-    encoders, identical results, too few labels, starved runs."""
+    encoders, encoders remade after a restore, identical results, too few labels, starved runs."""
     done = [r for r in records if not is_diverged(r)]
     return (diverged_runs(records) + collapsed_runs(done) + pretext_at_chance(stages) + collapsed_encoders(stages)
-            + identical_results(done) + few_labels(done) + hit_maximum(done))
+            + remade_encoders(stages) + identical_results(done) + few_labels(done) + hit_maximum(done))

@@ -38,6 +38,7 @@ from histossl.train.common import (
     make_optimizer,
     make_trainer,
     parameter_groups,
+    read_csv,
     scheduled,
 )
 
@@ -221,6 +222,7 @@ def run_stage(
     folder.mkdir(parents=True, exist_ok=True)
     if ranks.is_owner():
         atomic_write_json(folder / "stage_key.json", stage.key)
+        keep_first_training(folder)
     pl.seed_everything(stage.seed, workers=True, verbose=False)
     encoder = build_encoder(cfg.backbone, resolve_init(stage.init, pretrain_root))
     prepare_encoder(encoder, cfg)
@@ -260,6 +262,7 @@ def run_stage(
                 "image_size": cfg.image_size,
                 "wall_s": round(time.time() - start, 1),
                 "data": data_print,
+                **remade(folder),
             },
         )
     # The other ranks of a multi-process fit wait until rank 0 has written the encoder: the next stage
@@ -267,6 +270,28 @@ def run_stage(
     # study could read it before it existed and exit while rank 0 waited for it in the next fit).
     trainer.strategy.barrier("pretraining stage written")
     return encoder_path
+
+
+FIRST_TRAINING = ("stage.json", "metrics.csv")  # kept as stage.first.json, metrics.first.csv
+
+
+def keep_first_training(folder: Path) -> None:
+    """A stage described but without weights or a checkpoint (a study restored from its published copy):
+    keep the first training's description and curve aside before training it again."""
+    if (folder / "stage.json").is_file() and not (folder / "checkpoints" / "last.ckpt").is_file():
+        for name in FIRST_TRAINING:
+            if (folder / name).is_file():
+                (folder / name).replace(folder / name.replace(".", ".first.", 1))
+
+
+def remade(folder: Path) -> dict:
+    """For a stage trained again after a restore, ``{"remade": {...}}``: whether its curve is the first
+    training's (same seed and recipe; bit for bit only with the same code on the same kind of CPU)."""
+    first = read_csv(folder / "metrics.first.csv")
+    if not (folder / "stage.first.json").is_file():
+        return {}
+    now = read_csv(folder / "metrics.csv")
+    return {"remade": {"same_curve": first == now, "first_last_epoch": first[-1] if first else None}}
 
 
 def prepare_encoder(encoder: Encoder, cfg: Config) -> None:
