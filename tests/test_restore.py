@@ -1,24 +1,14 @@
 """A study folder rebuilt from its published copy: only the missing runs run, and only the encoders
 they read are pretrained again (benchmarks/publish_report.py --restore, study.unrecorded_encoders)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from histossl import records
 from histossl.cli import main
 from histossl.report.flags import find_flags
 from histossl.report.records import Stage, load_stages
+from test_publish_report import _load as _publish_module
 from test_study import study_args
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _publish_module():
-    spec = importlib.util.spec_from_file_location("publish_report", REPO / "benchmarks" / "publish_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_restored_study_retrains_only_the_encoders_its_missing_runs_read(tmp_path):
