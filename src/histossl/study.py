@@ -277,11 +277,6 @@ def last_stages(plans: dict[str, list[list[pretrain.Stage]]]) -> dict[str, list[
     return {name: [stages[-1] for stages in per_seed] for name, per_seed in plans.items()}
 
 
-def stage_done(out: Path, stage: pretrain.Stage) -> bool:
-    folder = out / "pretrain" / stage.folder
-    return (folder / "stage.json").is_file() and (folder / "encoder.safetensors").is_file()
-
-
 def pretrain_all(
     cfg: Config, out: Path, names: list[str] | None = None, needed: set[str] | None = None
 ) -> dict[str, list[pretrain.Stage]]:
@@ -297,7 +292,7 @@ def pretrain_all(
     for name, per_seed in plans.items():
         wanted = [stages for stages in per_seed if needed is None or stages[-1].folder in needed]
         for stage in (s for stages in wanted for s in stages):
-            if stage_done(out, stage):
+            if pretrain.stage_done(out / "pretrain" / stage.folder):
                 continue
             if stage.dataset not in loaded:
                 loaded[stage.dataset] = load_dataset(cfg, stage.dataset, out)
@@ -321,9 +316,8 @@ def pretrain_all(
     return last_stages(plans)
 
 
-def unrecorded_encoders(cfg: Config, out: Path) -> set[str]:
+def unrecorded_encoders(specs: list[downstream.RunSpec], out: Path) -> set[str]:
     """The pretraining folders of the encoders that runs not yet in results.jsonl read."""
-    specs = run_specs(cfg, last_stages(plan_encoders(cfg)), out)
     done = records.finished_runs(out / RESULTS, repair=False)
     return {Path(s.pretrain_dir).name for s in specs if s.pretrain_dir and f"downstream/{s.name}" not in done}
 
@@ -486,9 +480,12 @@ def join_study(cfg: Config, out: Path, downstream_runs: bool = True, evaluate: l
     if evaluate is not None:
         run_downstream(cfg, out, evaluate)
     else:
-        encoders = pretrain_all(cfg, out, needed=unrecorded_encoders(cfg, out) if downstream_runs else None)
         if downstream_runs:
-            run_downstream(cfg, out, run_specs(cfg, encoders, out))
+            specs = run_specs(cfg, last_stages(plan_encoders(cfg)), out)
+            pretrain_all(cfg, out, needed=unrecorded_encoders(specs, out))
+            run_downstream(cfg, out, specs)
+        else:
+            pretrain_all(cfg, out)
     return out / RESULTS
 
 
@@ -505,8 +502,9 @@ def run_study(cfg: Config, out: Path) -> Path:
             write_config(cfg, out)
             ranks.wait_for_owner(_backend(cfg))  # torchrun: the other ranks start now
             target_data(cfg, load_dataset(cfg, cfg.target, out), out)  # bad budgets fail now, not after pretraining
-            encoders = pretrain_all(cfg, out, needed=unrecorded_encoders(cfg, out))
-            run_downstream(cfg, out, run_specs(cfg, encoders, out))
+            specs = run_specs(cfg, last_stages(plan_encoders(cfg)), out)
+            pretrain_all(cfg, out, needed=unrecorded_encoders(specs, out))
+            run_downstream(cfg, out, specs)
         if not cfg.downstream.test:
             log.info("tuning study (downstream.test: false): no report; compare the val_* fields of %s", out / RESULTS)
             return out / RESULTS

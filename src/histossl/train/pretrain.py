@@ -196,6 +196,11 @@ class PretrainModule(RngStateInCheckpoint, pl.LightningModule):
         super().on_load_checkpoint(checkpoint)
 
 
+def stage_done(folder: Path) -> bool:
+    """A stage folder holds its encoder and its ``stage.json`` (written last)."""
+    return (folder / "stage.json").is_file() and (folder / "encoder.safetensors").is_file()
+
+
 def resolve_init(init: str, pretrain_root: Path) -> str:
     if init.startswith("stage:"):
         return str(pretrain_root / init.removeprefix("stage:") / "encoder.safetensors")
@@ -211,7 +216,7 @@ def run_stage(
     """
     folder = pretrain_root / stage.folder
     encoder_path = folder / "encoder.safetensors"
-    if encoder_path.is_file() and (folder / "stage.json").is_file():
+    if stage_done(folder):
         log.info("pretrain %s: done, reusing %s", stage.folder, encoder_path)
         return encoder_path
     batch = cfg.pretrain.batch_size
@@ -287,10 +292,9 @@ def keep_first_training(folder: Path) -> None:
 def remade(folder: Path) -> dict:
     """For a stage trained again after a restore, ``{"remade": {...}}``: whether its curve is the first
     training's (same seed and recipe; bit for bit only with the same code on the same kind of CPU)."""
-    first = read_csv(folder / "metrics.first.csv")
     if not (folder / "stage.first.json").is_file():
         return {}
-    now = read_csv(folder / "metrics.csv")
+    first, now = read_csv(folder / "metrics.first.csv"), read_csv(folder / "metrics.csv")
     return {"remade": {"same_curve": first == now, "first_last_epoch": first[-1] if first else None}}
 
 
