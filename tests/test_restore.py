@@ -69,3 +69,15 @@ def test_a_remade_encoder_whose_curve_differs_is_flagged():
     assert len(flags) == 1 and flags[0].stage == "pretrain/rotnet_ebhi_8ef45ee9_seed1"
     assert "1.1454 then, 1.14586 now" in flags[0].message and "not the same weights" in flags[0].message
     assert not [f for f in find_flags([], [stage({"same_curve": True}), stage(None)]) if f.kind == "remade"]
+
+
+def test_runs_on_stages_missing_from_a_partly_restored_folder_are_flagged_once():
+    described = Stage("pretrain/simclr_ebhi_4366b5d2_seed1", {"method": "simclr"}, [0], [4.3], [0.1], [], [])
+    records = [{"run": f"r{i}", "pretrain_dir": folder} for i, folder in
+               enumerate(["pretrain/simclr_ebhi_4366b5d2_seed1", "pretrain/simclr_ebhi_aaaa_seed0/", "pretrain/simclr_ebhi_aaaa_seed0"])]
+    flags = [f for f in find_flags(records, [described]) if f.kind == "undescribed"]
+    assert len(flags) == 1 and flags[0].message.startswith("2 runs read encoders of 1 pretraining stages")
+    assert "`pretrain/simclr_ebhi_aaaa_seed0`" in flags[0].message
+    # A folder with no stage at all (a copy published before stages were) says so in its header instead.
+    assert not [f for f in find_flags(records, []) if f.kind == "undescribed"]
+    assert not [f for f in find_flags(records[:1], [described]) if f.kind == "undescribed"]

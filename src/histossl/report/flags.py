@@ -14,6 +14,9 @@
 6. A pretraining stage trained again after its weights were lost (a study restored from its published
    copy) whose curve is not the first training's: runs recorded before and after used different
    encoders of the same recipe and seed.
+7. Runs that read encoders whose stages are not in the study folder while others are (a folder restored
+   from a copy published before stages were: those stages' curves, and whether a stage trained again
+   matches its first training, cannot be shown).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ COLLAPSE_EFFECTIVE_RANK = 2.0
 class Flag:
     """A warning for the reader. ``runs`` are downstream run folders; ``stage`` a pretraining stage."""
 
-    kind: str  # "diverged" | "collapsed" | "pretext_chance" | "embedding_collapsed" | "identical" | "few_labels" | "hit_maximum" | "remade"
+    kind: str  # "diverged" | "collapsed" | "pretext_chance" | "embedding_collapsed" | "identical" | "few_labels" | "hit_maximum" | "remade" | "undescribed"
     message: str
     runs: tuple[str, ...] = ()
     stage: str | None = None
@@ -175,6 +178,25 @@ def remade_encoders(stages: list[Stage]) -> list[Flag]:
     return flags
 
 
+def undescribed_stages(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
+    """One flag when some stages read by the records have no curve here while others do."""
+    described = {s.folder for s in stages}
+    read = {str(r["pretrain_dir"]).rstrip("/") for r in records if r.get("pretrain_dir")}
+    missing = sorted(read - described)
+    if not described or not missing:
+        return []
+    runs = [r for r in records if str(r.get("pretrain_dir", "")).rstrip("/") in missing]
+    return [  # the runs are counted, not marked in the tables: their numbers are not in doubt, the curves are missing
+        Flag(
+            "undescribed",
+            f"{len(runs)} runs read encoders of {len(missing)} pretraining stages that are not in this study folder "
+            f"({', '.join(f'`{m}`' for m in missing[:3])}{', ...' if len(missing) > 3 else ''}): their curves are "
+            "missing, and if stages in the folder were pretrained again after a restore, whether they match the "
+            "encoders earlier runs read cannot be checked (another kind of CPU gives other weights for the same seed).",
+        )
+    ]
+
+
 def identical_results(records: list[dict[str, Any]]) -> list[Flag]:
     """Distinct runs whose (test loss, test accuracy) agree to the report's precision (4 decimals, 0.01%)."""
     groups: dict[tuple[float, float], list[str]] = {}
@@ -260,7 +282,9 @@ def diverged_runs(records: list[dict[str, Any]]) -> list[Flag]:
 
 def find_flags(records: list[dict[str, Any]], stages: list[Stage]) -> list[Flag]:
     """All warnings, in a stable order: diverged runs, collapsed runs, pretext tasks at chance, collapsed
-    encoders, encoders remade after a restore, identical results, too few labels, starved runs."""
+    encoders, encoders remade after a restore, stages missing from the folder, identical results, too few
+    labels, starved runs."""
     done = [r for r in records if not is_diverged(r)]
     return (diverged_runs(records) + collapsed_runs(done) + pretext_at_chance(stages) + collapsed_encoders(stages)
-            + remade_encoders(stages) + identical_results(done) + few_labels(done) + hit_maximum(done))
+            + remade_encoders(stages) + undescribed_stages(records, stages) + identical_results(done) + few_labels(done)
+            + hit_maximum(done))
