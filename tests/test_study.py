@@ -296,3 +296,17 @@ def test_min_steps_keeps_a_small_subset_training_and_spaces_its_validations():
     assert downstream.finetune_epochs(d, 21) == (30, 1, None, 15)
     # A fixed step budget ignores it.
     assert downstream.finetune_epochs(dataclasses.replace(d, steps=40), 2)[3] == 0
+
+
+def test_bf16_mixed_trains_on_cpu_and_warns_where_bf16_is_emulated(tmp_path, monkeypatch, caplog):
+    from histossl import preflight
+
+    out = tmp_path / "bf16"
+    monkeypatch.setattr(preflight, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="histossl.preflight"):
+        assert main(study_args(out, "trainer.precision=bf16-mixed", "encoders={simclr: {method: simclr}}",
+                               "downstream.protocols=[finetune, linear]", "downstream.fractions=[1.0]")) == 0
+    assert "without native bfloat16" in caplog.text and "trainer.precision=32-true" in caplog.text
+    recs = records.load(out / "results.jsonl")
+    assert {r["run"].split("__")[1] for r in recs} == {"finetune", "linear"} and len(recs) == 3
+    assert all(np.isfinite(r["test_loss"]) and r.get("status") != "diverged" for r in recs)

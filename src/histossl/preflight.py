@@ -9,6 +9,7 @@ names, the data sets (indexed and decoded) and the batch sizes against the image
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,31 @@ from histossl.errors import ConfigError
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
+log = logging.getLogger(__name__)
+
 
 def check_trainer(cfg: Config, out: Path) -> None:
     """Build the Lightning trainer once: an accelerator that is not there (``tpu``), a precision or a
     strategy Lightning does not know (``banana``) fail here, naming the ``trainer`` key."""
     from histossl.train.common import make_trainer
 
-    make_trainer(cfg.trainer, 1, [], out, validate=False)
+    trainer = make_trainer(cfg.trainer, 1, [], out, validate=False)
+    if cfg.trainer.precision.startswith("bf16") and trainer.strategy.root_device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning(
+            "trainer.precision=%s on a CPU without native bfloat16 instructions (AVX512-BF16 or AMX): emulated, "
+            "usually slower than 32-true; set trainer.precision=32-true", cfg.trainer.precision,
+        )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively here (on such CPUs bf16-mixed trains about 1.3-1.6x faster
+    than fp32: docs/benchmarks/throughput.md); True when torch cannot tell."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def check_names(cfg: Config) -> None:
