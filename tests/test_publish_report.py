@@ -27,3 +27,15 @@ def test_a_large_report_html_is_left_in_the_study_folder(tmp_path):
     publish.publish(src, tmp_path / "large")
     assert not (tmp_path / "large" / "report.html").exists() and (tmp_path / "large" / "results.jsonl").is_file()
     assert "too large to commit" in (tmp_path / "large" / "report.md").read_text()
+
+
+def test_a_tuning_study_without_a_report_is_published_with_its_records(tmp_path):
+    publish = _load()
+    src = tmp_path / "tuning"
+    (src / "pretrain" / "simclr_ebhi_1").mkdir(parents=True)
+    (src / "pretrain" / "simclr_ebhi_1" / "stage.json").write_text("{}")
+    (src / "results.jsonl").write_text("{}\n")
+    (src / "config.yaml").write_text("name: t\n")
+    publish.publish(src, tmp_path / "docs")
+    assert not (tmp_path / "docs" / "report.md").exists()
+    assert {p.name for p in (tmp_path / "docs").rglob("*") if p.is_file()} == {"results.jsonl", "config.yaml", "stage.json"}
