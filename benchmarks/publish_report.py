@@ -1,5 +1,5 @@
 """Copy a study's report into docs/: report.md, report.html, results.jsonl, config.yaml, split.csv,
-invocations.jsonl, the methods benchmark's files where present (methods.md, calibration.json,
+invocations.jsonl, plan.json (the runs planned, for a partial study), the methods benchmark's files where present (methods.md, calibration.json,
 methods-study.yaml), each pretraining stage's description and curves (``pretrain/<stage>/stage.json``
 and ``metrics.csv``; not its weights) and the accuracy-against-fraction figure. The other figures stay embedded in the
 self-contained report.html; report.md points there instead of to PNG files (fewer binary files in git).
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 HTML_LIMIT = 1 << 20  # bytes
-KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "invocations.jsonl",
+KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "invocations.jsonl", "plan.json",
         "methods.md", "calibration.json", "methods-study.yaml")  # the last three: benchmarks/methods.py
 RESTORE = tuple(name for name in KEEP if name not in ("report.html", "methods.md"))
 STAGE_FILES = ("stage.json", "metrics.csv")

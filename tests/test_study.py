@@ -310,3 +310,19 @@ def test_bf16_mixed_trains_on_cpu_and_warns_where_bf16_is_emulated(tmp_path, mon
     recs = records.load(out / "results.jsonl")
     assert {r["run"].split("__")[1] for r in recs} == {"finetune", "linear"} and len(recs) == 3
     assert all(np.isfinite(r["test_loss"]) and r.get("status") != "diverged" for r in recs)
+
+
+def test_a_study_stopped_part_way_is_reported_as_partial(finished_study, tmp_path):
+    import shutil
+
+    from histossl.report import build_report
+
+    out = tmp_path / "partial"
+    shutil.copytree(finished_study, out)
+    planned = json.loads((out / "plan.json").read_text())["runs"]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert sorted(planned) == sorted(json.loads(line)["run"] for line in lines)
+    assert "Partial" not in build_report(out).read_text()
+    (out / "results.jsonl").write_text("\n".join(lines[:-2]) + "\n")
+    text = build_report(out).read_text()
+    assert f"**Partial: {len(planned) - 2} of the {len(planned)} planned runs are recorded**, 2 still to run" in text

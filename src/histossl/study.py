@@ -36,6 +36,7 @@ from histossl.train import downstream, pretrain
 
 log = logging.getLogger(__name__)
 RESULTS = "results.jsonl"
+PLAN = "plan.json"  # the downstream runs the last study command planned
 
 
 @contextmanager
@@ -410,6 +411,8 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     data, subsets = target_data(cfg, target, out)
     done = records.finished_runs(out / RESULTS, repair=ranks.is_owner())
     todo = in_run_order(cfg, [s for s in specs if f"downstream/{s.name}" not in done])
+    if ranks.is_owner():  # the report says how many of these are recorded (a stopped study is reported as partial)
+        atomic_write_json(out / PLAN, {"runs": [f"downstream/{s.name}" for s in specs]})
     if not ranks.is_owner():  # join rank 0's multi-process fits; runs on cached features are single-process, its own
         for spec in (s for s in todo if PROTOCOLS.get(s.protocol).trains_encoder):
             downstream.run(cfg, spec, data, subsets[spec.seed][spec.budget], out / "downstream" / spec.name)

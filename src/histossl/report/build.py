@@ -90,6 +90,7 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
         budgets = f"label fractions {', '.join(format_fraction(f) for f in agg.fractions) or '—'}"
     items = [
         f"Study folder `{out_dir}`; resolved configuration `{out_dir / 'config.yaml'}`",
+        *_partial_line(out_dir, records),
         f"**{len(records)} downstream runs**: {len(agg.encoders)} encoders × {axis} "
         f"{', '.join(agg.modes) or '—'} × lr schedules {', '.join(agg.schedules) or '—'} × {budgets}; "
         f"seeds {', '.join(map(str, seeds)) or '—'}{pairing}",
@@ -108,6 +109,21 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
                      "the others predict the most probable class")
     items.append(f"Rebuilt from the records with `histossl report {out_dir}`")
     return [Heading(1, f"histossl study report: {name}"), Bullets(tuple(items))]
+
+
+def _partial_line(out_dir: Path, records: list[dict[str, Any]]) -> list[str]:
+    """A study stopped part-way says so first: how many of the runs its last command planned
+    (``plan.json``, written by ``histossl study``) are recorded. Nothing when all are, or without a plan."""
+    try:
+        planned = json.loads((out_dir / "plan.json").read_text(encoding="utf-8"))["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    missing = set(planned) - {r.get("run") for r in records}
+    if not missing:
+        return []
+    return [f"**Partial: {len(planned) - len(missing)} of the {len(planned)} planned runs are recorded**, "
+            f"{len(missing)} still to run (rerun the study's command to finish them); every table and verdict "
+            "below is of the recorded runs only"]
 
 
 def _data_lines(out_dir: Path, records: list[dict[str, Any]]) -> list[str]:
