@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The two studies on real breast tissue (issue 5), then their reports copied to docs/benchmarks/idc/.
-# About 3.3 hours on 2 CPU cores; rerun to resume after an interruption.
+# About 6.3 hours on 2 CPU cores (idc-cpu 5.5 h, idc-chain-cpu about 45 min, trained to convergence);
+# rerun to resume after an interruption, across sessions if need be.
 #   bash benchmarks/idc.sh        (the virtual environment's histossl first on PATH)
 set -euo pipefail
 histossl study configs/idc-cpu.yaml --out out/idc-cpu
