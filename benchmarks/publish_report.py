@@ -1,6 +1,6 @@
 """Copy a study's report into docs/: report.md, report.html, results.jsonl, config.yaml, split.csv,
-invocations.jsonl, plan.json (the runs planned, for a partial study), the methods benchmark's files where present (methods.md, calibration.json,
-methods-study.yaml), each pretraining stage's description and curves (``pretrain/<stage>/stage.json``
+invocations.jsonl, plan.json (the runs planned: a partial study says so), the methods benchmark's
+files where present (methods.md, calibration.json, methods-study.yaml), each pretraining stage's description and curves (``pretrain/<stage>/stage.json``
 and ``metrics.csv``; not its weights) and the accuracy-against-fraction figure. The other figures stay embedded in the
 self-contained report.html; report.md points there instead of to PNG files (fewer binary files in git).
 A report.html over 1 MiB (a study with many pretraining stages embeds every curve) stays in the study
@@ -50,13 +50,13 @@ def publish(src: Path, dest: Path) -> None:
     for figure in kept:
         shutil.copy(figure, dest / "figures" / figure.name)
     names = {f.name for f in kept}
+    if not (src / "report.md").is_file():  # a tuning study (downstream.test: false) writes no report
+        return
 
     def link(match: re.Match) -> str:
         path = match.group(2)
         return match.group(0) if Path(path).name in names else f"*Figure: {match.group(1)} ({where}).*"
 
-    if not (src / "report.md").is_file():  # a tuning study (downstream.test: false) writes no report
-        return
     text = (src / "report.md").read_text(encoding="utf-8")
     (dest / "report.md").write_text(re.sub(r"!\[([^\]]*)\]\((figures/[^)]+)\)", link, text), encoding="utf-8")
 

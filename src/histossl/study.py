@@ -411,12 +411,12 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     data, subsets = target_data(cfg, target, out)
     done = records.finished_runs(out / RESULTS, repair=ranks.is_owner())
     todo = in_run_order(cfg, [s for s in specs if f"downstream/{s.name}" not in done])
-    if ranks.is_owner():  # the report says how many of these are recorded (a stopped study is reported as partial)
-        atomic_write_json(out / PLAN, {"runs": [f"downstream/{s.name}" for s in specs]})
     if not ranks.is_owner():  # join rank 0's multi-process fits; runs on cached features are single-process, its own
         for spec in (s for s in todo if PROTOCOLS.get(s.protocol).trains_encoder):
             downstream.run(cfg, spec, data, subsets[spec.seed][spec.budget], out / "downstream" / spec.name)
         return 0
+    # The report says how many of these are recorded: a study stopped part-way is reported as partial.
+    atomic_write_json(out / PLAN, {"runs": [f"downstream/{s.name}" for s in specs]})
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
     for i, spec in enumerate(todo, 1):
         record = run_one(cfg, out, spec, data, subsets[spec.seed][spec.budget])
