@@ -171,7 +171,8 @@ class PretrainModule(RngStateInCheckpoint, pl.LightningModule):
         if not math.isfinite(means["pretext_loss"]):  # checked here, where the sums are read anyway (no extra sync)
             raise HistosslError(
                 f"pretraining diverged: the pretext loss became {means['pretext_loss']} in epoch {self.current_epoch + 1}; "
-                "lower pretrain.optim.lr (or try pretrain.optim.optimizer=lars); the last good epoch's checkpoint is kept"
+                "lower pretrain.optim.lr, or set pretrain.optim.optimizer=adamw with pretrain.optim.lr=1e-3 (what trained every "
+                "method in docs/benchmarks/methods-ebhi); the last good epoch's checkpoint is kept"
             )
         return {"epoch": self.current_epoch, **means, "lr": self.optimizers().param_groups[0]["lr"]}
 
