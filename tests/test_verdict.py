@@ -186,3 +186,25 @@ def test_a_protocol_without_a_schedule_is_not_named_with_a_none_lr():
                             "label_fraction": 0.05, "shots": None, "seed": seed, "test_balanced_acc": value})
     (line,) = verdict.verdict_lines(verdict.compare(records))
     assert line.startswith("5% labels: simclr (linear probe) beats supervised by +11.0 points"), line
+
+
+def test_label_efficiency_is_the_mean_per_seed_ratio_to_supervised_with_all_labels():
+    from scipy import stats
+
+    records = (_pair([0.45, 0.50, 0.40], [0.35, 0.30, 0.40])  # 5%: simclr, supervised
+               + [_record("simclr", v, s, 0.05, mode="linear", schedule=None) for s, v in enumerate([0.30, 0.30, 0.30])]
+               + _pair([0.55, 0.60, 0.50], [0.50, 0.50, 0.40], 1.0))  # 100%
+    line = verdict.efficiency_line(verdict.cells_of(records))
+    ratios = np.array([0.45 / 0.50, 0.50 / 0.50, 0.40 / 0.40])  # simclr fine-tuned at 5% / supervised at 100%, per seed
+    # (supervised at 5%: 0.70, 0.60, 1.00, mean 0.767, std 0.208: 25% to 128%)
+    half = stats.t.ppf(0.975, 2) * ratios.std(ddof=1) / np.sqrt(3)
+    # mean 0.967, std 0.0577, t(0.975, 2) = 4.303: half-width 0.143
+    assert f"{100 * (ratios.mean() - half):.0f}% to {100 * (ratios.mean() + half):.0f}%" == "82% to 111%"
+    assert line == ("Label efficiency: with 5% labels, simclr (fine-tuned) reaches 45.0% balanced accuracy, 97% of "
+                    "supervised with 100% labels (46.7%; 95% CI 82% to 111%, 3 paired seeds); supervised with 5% labels "
+                    "reaches 35.0%, 77% of it (95% CI 25% to 128%, 3 paired seeds)")
+    (bullets,) = [b for b in verdict.blocks(records) if hasattr(b, "items")]
+    assert bullets.items[-1] == line
+    # No supervised run with every label, or no encoder below 100%: no line.
+    assert verdict.efficiency_line(verdict.cells_of(records[:9])) is None
+    assert verdict.efficiency_line(verdict.cells_of(records[9:])) is None

@@ -247,6 +247,42 @@ def verdict_lines(comparisons: list[Comparison], unbaselined: Iterable[Budget] =
     return lines
 
 
+def _share(a: StudyCell, b: StudyCell) -> tuple[str, str]:
+    """``a`` as a share of ``b`` (the mean of the per-seed ratios over the seeds both have) and its 95% t interval."""
+    seeds = sorted(set(a.values) & set(b.values), key=lambda s: (str(type(s)), s))
+    if not seeds:
+        return f"{100 * a.mean / b.mean:.0f}%", "no shared seed, no interval"
+    i = t_interval([a.values[s] / b.values[s] for s in seeds])
+    if not i.has_interval:
+        return f"{100 * i.mean:.0f}%", "1 seed, no interval"
+    return f"{100 * i.mean:.0f}%", f"95% CI {100 * i.low:.0f}% to {100 * i.high:.0f}%, {i.n} paired seeds"
+
+
+def efficiency_line(cells: dict[CellKey, StudyCell]) -> str | None:
+    """Label efficiency: the best encoder at the smallest fraction as a share of supervised training with every label.
+
+    The strongest supervised cell at 100% is the reference; the best encoder cell (highest mean) and the
+    strongest supervised cell at the smallest fraction are each given as the mean of their per-seed
+    ratios to it, with a 95% t interval. None without a supervised run at 100% or an encoder below it.
+    """
+    full = [c for k, c in cells.items() if c.supervised and k[0] == ("fraction", 1.0)]
+    scarce = sorted(k[0] for k, c in cells.items() if k[0][0] == "fraction" and k[0][1] < 1.0 and not c.supervised)
+    if not full or not scarce:
+        return None
+    budget, reference = scarce[0], max(full, key=lambda c: c.mean)
+    several = len({k[2] for k in cells} - {"None"}) > 1
+    best = max((c for k, c in cells.items() if k[0] == budget and not c.supervised), key=lambda c: c.mean)
+    share, detail = _share(best, reference)
+    line = (f"Label efficiency: with {budget_label(budget)}, {_who(best, several)} reaches {100 * best.mean:.1f}% balanced "
+            f"accuracy, {share} of {reference.encoder} with 100% labels ({100 * reference.mean:.1f}%; {detail})")
+    supervised = [c for k, c in cells.items() if k[0] == budget and c.supervised]
+    if supervised:
+        own = max(supervised, key=lambda c: c.mean)
+        share, detail = _share(own, reference)
+        line += f"; {own.encoder} with {budget_label(budget)} reaches {100 * own.mean:.1f}%, {share} of it ({detail})"
+    return line
+
+
 def _cell_interval(cell: StudyCell, predictions: PredictionsOf | None) -> str:
     if len(cell.values) >= 2:
         i = t_interval(list(cell.values.values()))
@@ -305,6 +341,12 @@ EXPLANATION = (
     "its end-to-end runs."
 )
 
+EFFICIENCY = (
+    " *Label efficiency*: the best encoder at the smallest label fraction as a share of the strongest supervised "
+    "baseline with all labels (90% at 5% labels: a twentieth of the labels buys nine tenths of what all of them "
+    "do), the mean of the per-seed ratios with its 95% t interval; the same for supervised training at that fraction."
+)
+
 
 def blocks(records: list[dict[str, Any]], predictions: PredictionsOf | None = None) -> list[Block]:
     """The report's verdict section: the lines, how to read them, the comparisons and the per-cell intervals."""
@@ -312,13 +354,14 @@ def blocks(records: list[dict[str, Any]], predictions: PredictionsOf | None = No
     cells = cells_of(records).values()
     baselined = {c.key[0] for c in cells if c.supervised}
     lines = verdict_lines(comparisons, {c.key[0] for c in cells if c.key[0] not in baselined} if baselined else ())
+    efficiency = efficiency_line(cells_of(records))
     if not any(c.kind == SUPERVISED for c in comparisons):
         reason = "no supervised baseline" if not any(r.get("method") == "supervised" for r in records) else "nothing to compare"
         return [Heading(2, "Verdict"), Paragraph(f"No verdict: {reason} in these records.")]
     return [
         Heading(2, "Verdict"),
-        Bullets(tuple(lines)),
-        Paragraph(EXPLANATION),
+        Bullets(tuple(lines) + ((efficiency,) if efficiency else ())),
+        Paragraph(EXPLANATION + (EFFICIENCY if efficiency else "")),
         comparison_table(comparisons),
         Paragraph("Balanced accuracy per cell, with its 95% interval (Student t over seeds; a single seed: bootstrap "
                   "over test groups where the run saved its test predictions):"),
