@@ -88,3 +88,16 @@ def test_each_chain_stage_may_have_its_own_epochs_and_a_single_number_keeps_the_
     assert [s.folder for s in plan_stages(same, same.encoders["b"])] == [s.folder for s in plan_stages(cfg, cfg.encoders["b"])]
     with pytest.raises(ConfigError, match=r"encoders.a.epochs: one number per chain stage \(pool > t: 2\)"):
         config.load(None, base + ["encoders={a: {method: simclr, chain: [pool, t], epochs: [3]}}"])
+
+
+def test_the_package_ships_its_data_files_and_the_demo_config_copy_matches():
+    """A non-editable install (``pip install .``) must carry quickstart.yaml, or ``histossl demo`` breaks."""
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["histossl"]
+    package = repo / "src" / "histossl"
+    data = sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
+    assert data == sorted(shipped)
+    assert (repo / "configs" / "quickstart.yaml").read_text() == (package / "quickstart.yaml").read_text()

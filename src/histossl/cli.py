@@ -21,10 +21,10 @@ log = logging.getLogger("histossl")
 QUICKSTART = Path(__file__).resolve().parent / "quickstart.yaml"
 
 
-def _config_args(p: argparse.ArgumentParser, config: bool = True) -> None:
+def _config_args(p: argparse.ArgumentParser, config: bool = True, out: str = "out/<name>") -> None:
     if config:
         p.add_argument("config", type=Path, help="study config (YAML)")
-    p.add_argument("--out", type=Path, help="output folder (default: out/<name>)")
+    p.add_argument("--out", type=Path, help=f"output folder (default: {out})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set pretrain.epochs=5 (repeatable)")
 
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("data", type=Path, help="image folder or CSV manifest")
     init.add_argument("--out", type=Path, default=Path("study.yaml"), help="config file to write (default: study.yaml)")
     demo = sub.add_parser("demo", help="the quickstart study on the embedded synthetic tissue data")
-    _config_args(demo, config=False)
+    _config_args(demo, config=False, out="out/demo")
     study = sub.add_parser("study", help="pretraining, downstream runs and the report; rerun to resume")
     _config_args(study)
     pre = sub.add_parser("pretrain", help="pretraining only; writes each encoder")
