@@ -10,7 +10,7 @@
 #
 # Rules, fixed before any variant ran (validation balanced accuracy, mean over 3 seeds; a variant
 # replaces the config's value only when it is better by more than its own seed spread, so a tie keeps
-# the cheaper or the first value):
+# the cheaper or the first value; the table's "vs base" column applies that test to each cell):
 #   image size: size48 against base on SimCLR fine-tuned and supervised, 5% and 100% (a size changes
 #     both); 48 px costs about 0.55x of 64 px.
 #   pretraining epochs: epochs10 / base (20) / epochs40 on SimCLR's linear probe and kNN, 5% and 100%;
@@ -35,7 +35,7 @@ study epochs40 "${frozen[@]}" --set pretrain.epochs=40
 study crop0.2 "${frozen[@]}" --set pretrain.views.crop_scale_min=0.2
 study fp32 "${frozen[@]}" --set trainer.precision=32-true
 mkdir -p docs/benchmarks/ebhi
-python benchmarks/tune_table.py out/tune-ebhi/*/ | tee docs/benchmarks/ebhi/tuning-table.md
+python benchmarks/tune_table.py --base out/tune-ebhi/base out/tune-ebhi/*/ | tee docs/benchmarks/ebhi/tuning-table.md
 for folder in out/tune-ebhi/*/; do
   python benchmarks/publish_report.py "$folder" "docs/benchmarks/ebhi/tuning/$(basename "$folder")"
 done
