@@ -31,6 +31,7 @@ def test_partial_nested_override_keeps_sibling_defaults():
         ("downstream.fractions=[0.5, 1.5]", "downstream.fractions", "(0, 1]"),
         ("split.test_fraction=0", "split.test_fraction", "(0, 1)"),
         ("downstream.budgets_of={knn: {fractions: [0.5]}}", "downstream.budgets_of.knn", "study's protocols"),
+        ("downstream.budgets_of={supervised: {fractions: [0.3]}}", "downstream.budgets_of.supervised.fractions", "among downstream.fractions"),
         ("downstream.budgets_of={finetune: {fractions: [0.3]}}", "downstream.budgets_of.finetune.fractions", "among downstream.fractions"),
         ("downstream.budgets_of={finetune: {}}", "downstream.budgets_of.finetune", "at least one"),
     ],

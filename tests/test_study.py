@@ -286,6 +286,14 @@ def test_a_protocol_runs_at_its_own_budgets_and_the_baselines_at_fine_tunings(tm
         budgets.setdefault((spec.encoder, spec.protocol), set()).add(spec.budget)
     assert budgets[("simclr", "linear")] == {0.25, 0.5, 1.0, ("shots", 2)}
     assert budgets[("simclr", "finetune")] == budgets[("supervised", "finetune")] == {1.0, ("shots", 2)}
+    # The baselines at budgets of their own: the encoders fine-tuned at 25% only, supervised at 25% and 100%.
+    cfg = tiny_config("downstream.protocols=[finetune, linear]", "downstream.fractions=[0.25, 0.5, 1.0]",
+                      "downstream.budgets_of={finetune: {fractions: [0.25]}, supervised: {fractions: [0.25, 1.0]}}")
+    budgets = {}
+    for spec in study.run_specs(cfg, encoders, tmp_path):
+        budgets.setdefault((spec.encoder, spec.protocol), set()).add(spec.budget)
+    assert budgets[("simclr", "finetune")] == {0.25} and budgets[("supervised", "finetune")] == {0.25, 1.0}
+    assert budgets[("simclr", "linear")] == {0.25, 0.5, 1.0}
 
 
 def test_min_steps_keeps_a_small_subset_training_and_spaces_its_validations():

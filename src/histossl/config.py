@@ -192,7 +192,8 @@ class DownstreamConfig:
     shots: list[int] = field(default_factory=list)  # label budgets of k labelled train images per class, beside ``fractions``
     # A protocol run at only some of those budgets, e.g. ``{finetune: {fractions: [0.05, 1.0], shots: [10]}}``:
     # fine-tuning costs minutes a run where the protocols on stored features cost seconds. The supervised
-    # baselines (fine-tuned) follow ``finetune``'s. A protocol not named runs at every budget.
+    # baselines (fine-tuned) follow ``finetune``'s unless ``supervised`` names theirs, e.g. fine-tuning the
+    # encoders at 5% only and the baseline at 5% and 100%. A protocol not named runs at every budget.
     budgets_of: dict[str, BudgetsConfig] = field(default_factory=dict, metadata=added_later())
     linear_c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe: inverse L2 strengths tried on validation
     knn_k_grid: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])  # kNN: neighbour counts tried on validation
@@ -502,11 +503,17 @@ def downstream_protocols(config: Config) -> list[str]:
     return list(config.downstream.protocols) or list(config.downstream.modes)
 
 
+BASELINES = "supervised"  # the supervised baselines' key in ``downstream.budgets_of``
+
+
 def protocol_budgets(config: Config, protocol: str) -> list[tuple[float | None, int | None]]:
     """``(label_fraction, shots)`` of every budget ``protocol`` runs at: the fractions, then the shots
-    (those ``downstream.budgets_of`` names for it, all of them otherwise)."""
+    (those ``downstream.budgets_of`` names for it, all of them otherwise). ``BASELINES``: the supervised
+    baselines', fine-tuning's unless ``budgets_of`` names theirs."""
     d = config.downstream
     only = d.budgets_of.get(protocol)
+    if only is None and protocol == BASELINES:
+        only = d.budgets_of.get("finetune")
     fractions = d.fractions if only is None else [f for f in d.fractions if f in only.fractions]
     shots = d.shots if only is None else [k for k in d.shots if k in only.shots]
     return [(f, None) for f in fractions] + [(None, k) for k in shots]
@@ -589,7 +596,8 @@ def validate(config: Config) -> None:
     need(len(set(d.protocols)) == len(d.protocols), "downstream.protocols", f"protocols repeat: {d.protocols}")
     for name, only in d.budgets_of.items():
         key = f"downstream.budgets_of.{name}"
-        need(name in downstream_protocols(config), key, f"{name!r} is not one of the study's protocols ({', '.join(downstream_protocols(config))})")
+        need(name in downstream_protocols(config) or name == BASELINES, key,
+             f"{name!r} is not one of the study's protocols ({', '.join(downstream_protocols(config))}) or {BASELINES} (the baselines)")
         need(set(only.fractions) <= set(d.fractions), f"{key}.fractions", f"{only.fractions} must be among downstream.fractions {d.fractions}")
         need(set(only.shots) <= set(d.shots), f"{key}.shots", f"{only.shots} must be among downstream.shots {d.shots}")
         need(len(only.fractions) + len(only.shots) >= 1, key, "give at least one fraction or shots budget (or leave the protocol out)")

@@ -139,7 +139,7 @@ def _accept_added_budgets_and_protocols(old: dict, new: dict) -> dict:
         old_protocols = config_mod.downstream_protocols(before)
         grows = set(old_protocols) <= set(config_mod.downstream_protocols(after)) and all(
             set(config_mod.protocol_budgets(before, p)) <= set(config_mod.protocol_budgets(after, p))
-            for p in {*old_protocols, "finetune"})  # finetune: the baselines'
+            for p in {*old_protocols, config_mod.BASELINES})
     except (KeyError, TypeError, AttributeError, ConfigError):
         return old
     if not grows:
@@ -331,7 +331,7 @@ def _run_name(encoder: str, protocol: str, schedule: str | None, fraction: float
 def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path) -> list[downstream.RunSpec]:
     """Encoders x protocols (x lr schedules, where the protocol has one) x budgets x seeds, and the baselines.
 
-    Each protocol runs at its budgets (``config.protocol_budgets``); the baselines at fine-tuning's.
+    Each protocol runs at its budgets (``config.protocol_budgets``); the baselines at theirs (``config.BASELINES``).
     Downstream seed i runs on the encoder of pretraining seed i mod n (``encoders`` lists one stage per
     pretraining seed); a run on a pretraining seed other than the study seed has ``__p<seed>`` in its name.
     The supervised baselines are finetune runs, for every schedule, fine-tuning budget and seed.
@@ -368,7 +368,7 @@ def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path)
             log.warning("supervised baseline from imagenet skipped: no weights at %s", imagenet_weights_path(cfg.backbone.name))
             continue
         name = "supervised" if init == "random" else f"supervised_{pretrain.init_label(init)}"
-        budgets = config_mod.protocol_budgets(cfg, "finetune")
+        budgets = config_mod.protocol_budgets(cfg, config_mod.BASELINES)
         for schedule, (fraction, shots), seed in itertools.product(d.lr_schedules, budgets, d.seeds):
             specs.append(
                 downstream.RunSpec(
