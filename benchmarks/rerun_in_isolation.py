@@ -76,7 +76,12 @@ def rerun(study: Path, name: str, out: Path, pretrain: bool) -> tuple[dict, dict
     config_file.write_text(yaml.safe_dump(narrowed(raw, record), sort_keys=False))
     if not pretrain:
         copy_stages(study, config.load(config_file), record, folder)
-    subprocess.run([sys.executable, "-m", "histossl", "study", str(config_file), "--out", str(folder)], check=True)
+    log = out / f"{name}.log"
+    with log.open("w") as stream:  # the study's own output stays out of the comparison on stdout
+        done = subprocess.run([sys.executable, "-m", "histossl", "study", str(config_file), "--out", str(folder)],
+                              stdout=stream, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"{folder}: the rerun failed (exit {done.returncode}); its output is in {log}")
     again = {r["run"].removeprefix("downstream/"): r for r in records.read_dicts(folder)[0]}
     if name not in again:
         sys.exit(f"{folder}: the rerun recorded {sorted(again)}, not {name!r} (the config no longer makes that run)")
