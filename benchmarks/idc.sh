@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The two studies on real breast tissue (issue 5), then their reports copied to docs/benchmarks/idc/.
+# The two studies on real breast tissue (issue 5), then their reports copied to docs/benchmarks/idc/, then
+# three runs rerun in isolation (benchmarks/rerun_in_isolation.py).
 # About 6.3 hours on 2 CPU cores (idc-cpu 5.5 h, idc-chain-cpu about 45 min, trained to convergence);
 # rerun to resume after an interruption, across sessions if need be.
 #   bash benchmarks/idc.sh        (the virtual environment's histossl first on PATH)
@@ -17,4 +18,8 @@ histossl study configs/idc-chain-cpu.yaml --out out/idc-chain-cpu
 for name in idc-cpu idc-chain-cpu; do
   python benchmarks/publish_report.py "out/$name" "docs/benchmarks/idc/$name"
 done
+# Three runs rerun alone on the study's own encoders and compared with their records (about 10 min).
+python benchmarks/rerun_in_isolation.py out/idc-cpu --out out/idc-isolation \
+  supervised__finetune__cosine__f0.05__s0 simclr__frozen__cosine__f0.05__s1__p1 rotnet__finetune__cosine__f0.25__s2__p2 \
+  | tee docs/benchmarks/idc/isolation.md
 echo "reports in docs/benchmarks/idc/"
