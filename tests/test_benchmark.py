@@ -1,6 +1,5 @@
 """The throughput benchmark runs end to end at a tiny size (a smoke test: no timing is asserted)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "throughput.py"
@@ -39,7 +40,4 @@ def test_benchmark_command_line_prints_json_last(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("method", ["rotnet", "supervised", "dino", "moco_v2"])
 def test_benchmark_other_methods(tiny_folder, tmp_path, method):
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
-    _check(throughput.main(_args(tiny_folder, tmp_path, method)))
+    _check(load_benchmark("throughput").main(_args(tiny_folder, tmp_path, method)))

@@ -1,6 +1,5 @@
 """The methods benchmark: epochs from the calibrated seconds per epoch, and a tiny run end to end (resumable)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,19 +8,11 @@ import pytest
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "methods.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("methods_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_epochs_fill_the_same_budget():
-    bench = _load()
+    bench = load_benchmark("methods")
     calibration = {"methods": {"cheap": {"seconds_per_epoch": 2.0}, "dear": {"seconds_per_epoch": 7.0},
                                "slow": {"seconds_per_epoch": 50.0}}}
     data, epochs = bench.with_epochs({"encoders": {}, "name": "x"}, calibration, ["cheap", "dear", "slow"], 20.0)
@@ -32,7 +23,7 @@ def test_epochs_fill_the_same_budget():
 def test_default_methods_are_the_registry():
     from histossl.methods import METHODS
 
-    bench = _load()
+    bench = load_benchmark("methods")
     args = bench.parse_args([])
     assert args.methods is None and len(METHODS.names()) >= 10  # main() takes METHODS.names() when none are given
 
@@ -52,7 +43,7 @@ def grouped_folder(tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end_and_resumes(grouped_folder, tmp_path):
-    bench = _load()
+    bench = load_benchmark("methods")
     out = tmp_path / "out"
     argv = ["--data", str(grouped_folder), "--out", str(out), "--budget-s", "1", "--image-size", "16", "--seeds", "1",
             "--methods", "simclr", "rotnet", "--calibration-steps", "1",

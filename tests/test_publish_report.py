@@ -1,20 +1,10 @@
 """benchmarks/publish_report.py: a report.html over the size limit stays out of docs/, and report.md says where it is."""
 
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("publish_report", REPO / "benchmarks" / "publish_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_a_large_report_html_is_left_in_the_study_folder(tmp_path):
-    publish = _load()
+    publish = load_benchmark("publish_report")
     src = tmp_path / "study"
     (src / "figures").mkdir(parents=True)
     (src / "report.md").write_text("# r\n![curve](figures/pretext_a.png)\n")
@@ -30,7 +20,7 @@ def test_a_large_report_html_is_left_in_the_study_folder(tmp_path):
 
 
 def test_a_tuning_study_without_a_report_is_published_with_its_records(tmp_path):
-    publish = _load()
+    publish = load_benchmark("publish_report")
     src = tmp_path / "tuning"
     (src / "pretrain" / "simclr_ebhi_1").mkdir(parents=True)
     (src / "pretrain" / "simclr_ebhi_1" / "stage.json").write_text("{}")

@@ -1,21 +1,12 @@
 """benchmarks/rerun_in_isolation.py: a recorded run rerun alone, on the study's own encoder of its own
 pretraining seed, gives the recorded numbers; a record that does not match is reported."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from histossl.cli import main
+
+from conftest import load_benchmark
 from test_study import study_args
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("rerun_in_isolation", REPO / "benchmarks" / "rerun_in_isolation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_runs_rerun_alone_reproduce_their_records_and_a_changed_record_is_caught(tmp_path, capsys, monkeypatch):
@@ -25,7 +16,7 @@ def test_runs_rerun_alone_reproduce_their_records_and_a_changed_record_is_caught
                            "downstream.fractions=[0.5]", "downstream.protocols=[finetune, linear]")) == 0
     names = ["simclr__finetune__cosine__f0.5__s1__p1", "downstream/simclr__linear__f0.5__s1__p1",
              "supervised__finetune__cosine__f0.5__s0"]
-    rerun = _load()
+    rerun = load_benchmark("rerun_in_isolation")
     assert rerun.main([str(study), *names, "--out", str(tmp_path / "alone")]) == 0
     printed = capsys.readouterr().out
     assert "largest |difference| of test_balanced_acc: 0.000000" in printed

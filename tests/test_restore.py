@@ -7,12 +7,13 @@ from histossl import records
 from histossl.cli import main
 from histossl.report.flags import find_flags
 from histossl.report.records import Stage, load_stages
-from test_publish_report import _load as _publish_module
+
+from conftest import load_benchmark
 from test_study import study_args
 
 
 def test_a_restored_study_retrains_only_the_encoders_its_missing_runs_read(tmp_path):
-    publish = _publish_module()
+    publish = load_benchmark("publish_report")
     first = tmp_path / "first"
     assert main(study_args(first)) == 0
     stages = sorted(p.name for p in (first / "pretrain").iterdir())
@@ -47,7 +48,7 @@ def test_a_restored_study_retrains_only_the_encoders_its_missing_runs_read(tmp_p
 
 
 def test_restore_refuses_a_folder_with_records(tmp_path):
-    publish = _publish_module()
+    publish = load_benchmark("publish_report")
     (tmp_path / "docs").mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.jsonl").write_text("{}\n")

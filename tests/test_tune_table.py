@@ -1,17 +1,9 @@
 """benchmarks/tune_table.py: the tuning rule's word against the base study (better only beyond the variant's spread)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("tune_table", REPO / "benchmarks" / "tune_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def _study(folder: Path, values: list[float], encoder: str = "simclr") -> Path:
@@ -24,7 +16,7 @@ def _study(folder: Path, values: list[float], encoder: str = "simclr") -> Path:
 
 
 def test_variants_are_better_or_worse_only_beyond_their_own_spread(tmp_path, capsys):
-    table = _load()
+    table = load_benchmark("tune_table")
     base = _study(tmp_path / "base", [0.50, 0.52, 0.48])                 # mean 0.50
     better = _study(tmp_path / "better", [0.55, 0.56, 0.54])             # +5.0, std 1.0
     tie = _study(tmp_path / "tie", [0.60, 0.44, 0.52])                   # +2.0, std 8.0
