@@ -335,6 +335,8 @@ def test_init_writes_a_config_fitted_to_the_data_that_runs(tmp_path, image_folde
     assert "72 images, 3 classes" in text and "4 groups" in text
     assert set(loaded["encoders"]) == {"rotnet", "rotnet_jitter", "simclr"}
     assert loaded["pretrain"]["batch_size"] <= 72 * 0.6 / 2  # two batches of the train split at least
+    d = loaded["downstream"]  # trained to convergence, not starved at 5%: a minimum of steps, early stopping
+    assert d["min_steps"] >= 200 and d["patience"] >= 3 and d["epochs"] >= 20 and "steps" not in d
     # Never over an existing file.
     again = histossl("init", image_folder, "--out", config)
     assert again.returncode == 1 and "exists" in one_error_line(again)
