@@ -249,9 +249,10 @@ def verdict_lines(comparisons: list[Comparison], unbaselined: Iterable[Budget] =
 
 def _share(a: StudyCell, b: StudyCell) -> tuple[str, str]:
     """``a`` as a share of ``b`` (the mean of the per-seed ratios over the seeds both have) and its 95% t interval."""
-    seeds = sorted(set(a.values) & set(b.values), key=lambda s: (str(type(s)), s))
+    seeds = sorted((s for s in set(a.values) & set(b.values) if b.values[s] > 0), key=lambda s: (str(type(s)), s))
     if not seeds:
-        return f"{100 * a.mean / b.mean:.0f}%", "no shared seed, no interval"
+        share = f"{100 * a.mean / b.mean:.0f}%" if b.mean > 0 else "—"
+        return share, "no shared seed, no interval"
     i = t_interval([a.values[s] / b.values[s] for s in seeds])
     if not i.has_interval:
         return f"{100 * i.mean:.0f}%", "1 seed, no interval"
