@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from histossl import config as config_mod
-from histossl import features, preflight, provenance, ranks, records, stale
+from histossl import features, pace, preflight, provenance, ranks, records, stale
 from histossl.config import Config
 from histossl.data.cache import DecodedImages, cache_key, decode_cached
 from histossl.data.sources import ImageIndex, load_index
@@ -418,17 +418,23 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     # The report says how many of these are recorded: a study stopped part-way is reported as partial.
     atomic_write_json(out / PLAN, {"runs": [f"downstream/{s.name}" for s in specs]})
     log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
+    timing = pace.Pace()
+    for r in records.read_dicts(out)[0]:  # a resumed study times its remaining runs by the recorded ones
+        if r["protocol"] in PROTOCOLS:
+            timing.add(PROTOCOLS.get(r["protocol"]).trains_encoder, (r.get("label_fraction"), r.get("shots")), r.get("wall_s"))
     for i, spec in enumerate(todo, 1):
         record = run_one(cfg, out, spec, data, subsets[spec.seed][spec.budget])
         records.append(out / RESULTS, record)
+        timing.add(PROTOCOLS.get(spec.protocol).trains_encoder, (spec.label_fraction, spec.shots), record.wall_s)
         if record.status == "diverged":
             log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, record.diverged)
             continue
         split = "test" if cfg.downstream.test else "val"
+        left = timing.left([(PROTOCOLS.get(s.protocol).trains_encoder, (s.label_fraction, s.shots)) for s in todo[i:]])
         log.info(
-            "[%d/%d] %s: %s acc %.2f%%, balanced acc %.2f%% (%.0f s)",
+            "[%d/%d] %s: %s acc %.2f%%, balanced acc %.2f%% (%.0f s)%s",
             i, len(todo), spec.name, split, 100 * getattr(record, f"{split}_acc"), 100 * getattr(record, f"{split}_balanced_acc"),
-            record.wall_s,
+            record.wall_s, f"; about {pace.duration(left)} left at this pace" if left and i < len(todo) else "",
         )
     return len(todo)
 
