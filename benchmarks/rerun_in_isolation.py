@@ -15,7 +15,6 @@ when a rerun differs from its record by more than ``--tolerance`` (balanced accu
 
 import argparse
 import copy
-import json
 import shutil
 import subprocess
 import sys
@@ -62,14 +61,12 @@ def copy_stages(study: Path, cfg: config.Config, record: dict, dest: Path) -> No
         shutil.copytree(source, dest / "pretrain" / stage.folder, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
 
 
-def rerun(study: Path, name: str, out: Path, pretrain: bool) -> tuple[dict, dict]:
+def rerun(study: Path, recorded: dict[str, dict], raw: dict, name: str, out: Path, pretrain: bool) -> tuple[dict, dict]:
     """Rerun one recorded run alone; returns (recorded, rerun) records."""
-    recorded = {r["run"].removeprefix("downstream/"): r for r in records.read_dicts(study)[0]}
     name = name.removeprefix("downstream/")
     if name not in recorded:
         sys.exit(f"{study / 'results.jsonl'}: no run named {name!r}")
     record = recorded[name]
-    raw = yaml.safe_load((study / "config.yaml").read_text())
     config_file = out / f"{name}.yaml"
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain", action="store_true", help="train the encoders again instead of copying them")
     parser.add_argument("--tolerance", type=float, default=0.0, help="largest accepted |difference| of test_balanced_acc")
     args = parser.parse_args(argv)
-    pairs = [(name.removeprefix("downstream/"), *rerun(args.study, name, args.out, args.pretrain)) for name in args.runs]
+    recorded = {r["run"].removeprefix("downstream/"): r for r in records.read_dicts(args.study)[0]}
+    raw = yaml.safe_load((args.study / "config.yaml").read_text())
+    pairs = [(name.removeprefix("downstream/"), *rerun(args.study, recorded, raw, name, args.out, args.pretrain)) for name in args.runs]
     print(table(pairs))
     for name, before, after in pairs:
         if before.get("histossl_version") != after.get("histossl_version"):

@@ -14,4 +14,4 @@ def test_runs_are_timed_by_kind_and_budget_then_by_kind_and_unknown_kinds_give_n
     assert timing.estimate(True, (0.25, None)) == (100 + 140 + 600) / 3  # no run at 25% yet: the kind's mean
     assert timing.left([(True, (0.05, None)), (True, (1.0, None)), (False, (1.0, None))]) == 120 + 600 + 2
     assert pace.Pace().left([(False, (None, 5))]) is None and timing.left([]) == 0.0
-    assert [pace.duration(s) for s in (45, 840, 9360)] == ["45 s", "14 min", "2.6 h"]
+    assert [pace.duration(s) for s in (45, 840, 9360)] == ["45 s", "14.0 min", "2.6 h"]

@@ -44,9 +44,9 @@ class Pace:
 
 
 def duration(seconds: float) -> str:
-    """``45 s``, ``14 min``, ``2.6 h``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    """``45 s``, ``14.0 min``, ``2.6 h`` (the report's compute times too)."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"

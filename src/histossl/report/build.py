@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from histossl import predictions, provenance
+from histossl.pace import duration
 from histossl.data import fingerprint
 from histossl.errors import HistosslError
 from histossl.io import atomic_write_bytes, atomic_write_text
@@ -63,14 +64,6 @@ def _study_name(out_dir: Path) -> str:
     return out_dir.resolve().name
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.0f} s"
-
-
 def _sum_field(items: list[dict[str, Any]], name: str) -> float:
     return math.fsum(float(v) for i in items if isinstance(v := i.get(name), int | float) and math.isfinite(v))
 
@@ -94,8 +87,8 @@ def _header(out_dir: Path, name: str, records: list[dict[str, Any]], stages: lis
         f"**{len(records)} downstream runs**: {len(agg.encoders)} encoders × {axis} "
         f"{', '.join(agg.modes) or '—'} × lr schedules {', '.join(agg.schedules) or '—'} × {budgets}; "
         f"seeds {', '.join(map(str, seeds)) or '—'}{pairing}",
-        f"{len(stages)} pretraining stages with curves; compute: {_duration(_sum_field([s.info for s in stages], 'wall_s'))}"
-        f" pretraining, {_duration(_sum_field(records, 'wall_s'))} downstream",
+        f"{len(stages)} pretraining stages with curves; compute: {duration(_sum_field([s.info for s in stages], 'wall_s'))}"
+        f" pretraining, {duration(_sum_field(records, 'wall_s'))} downstream",
     ]
     for field, label in (("device", "hardware"), ("torch_version", "torch"), ("histossl_version", "histossl")):
         values = sorted({str(r[field]) for r in records if r.get(field)})
@@ -196,7 +189,7 @@ def _stage_table(stages: list[Stage]) -> Table:
             f"{losses[-1]:.4f}" if losses else "—",
             (f"{100 * best:.2f}%" if best is not None else "—") + (f" {FLAG_MARK}" if left is False else ""),
             f"{100 * chance:.2f}%" if chance is not None else "—",
-            _duration(float(stage.info["wall_s"])) if isinstance(stage.info.get("wall_s"), int | float) else "—",
+            duration(float(stage.info["wall_s"])) if isinstance(stage.info.get("wall_s"), int | float) else "—",
         )])
     header = ["stage", "method", "chain", "encoder", "seed", "epochs", "last pretext loss", "best pretext acc", "chance", "time"]
     return Table(header=header, rows=rows, key="stages")
@@ -358,7 +351,7 @@ def _provenance(out_dir: Path) -> list[Block]:
     rows = []
     for i, run in enumerate(runs, 1):
         status = run.get("status") or "no end recorded (killed, or still running)"
-        wall = _duration(float(run["wall_s"])) if isinstance(run.get("wall_s"), int | float) else "—"
+        wall = duration(float(run["wall_s"])) if isinstance(run.get("wall_s"), int | float) else "—"
         rows.append([Cell(text) for text in (str(i), str(run.get("time", "")), wall, status, f"`{run.get('command', '')}`")])
     environments = []
     for run in runs:
@@ -369,7 +362,7 @@ def _provenance(out_dir: Path) -> list[Block]:
     finished = sum(float(r["wall_s"]) for r in runs if isinstance(r.get("wall_s"), int | float))
     return [
         Heading(2, "Provenance"),
-        Paragraph(f"Commands that worked on this study folder, in order; {_duration(finished)} of wall time in all "
+        Paragraph(f"Commands that worked on this study folder, in order; {duration(finished)} of wall time in all "
                   "(report building excluded)."),
         Table(["#", "started (UTC)", "wall time", "status", "command"], rows, key="provenance"),
         Paragraph("Machines and versions:"),

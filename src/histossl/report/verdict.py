@@ -352,10 +352,11 @@ EFFICIENCY = (
 def blocks(records: list[dict[str, Any]], predictions: PredictionsOf | None = None) -> list[Block]:
     """The report's verdict section: the lines, how to read them, the comparisons and the per-cell intervals."""
     comparisons = compare(records, predictions)
-    cells = cells_of(records).values()
+    by_key = cells_of(records)
+    cells = by_key.values()
     baselined = {c.key[0] for c in cells if c.supervised}
     lines = verdict_lines(comparisons, {c.key[0] for c in cells if c.key[0] not in baselined} if baselined else ())
-    efficiency = efficiency_line(cells_of(records))
+    efficiency = efficiency_line(by_key)
     if not any(c.kind == SUPERVISED for c in comparisons):
         reason = "no supervised baseline" if not any(r.get("method") == "supervised" for r in records) else "nothing to compare"
         return [Heading(2, "Verdict"), Paragraph(f"No verdict: {reason} in these records.")]
