@@ -110,6 +110,7 @@ def _side(cell: StudyCell) -> str:
 
 
 def _row(c: Comparison) -> list[Cell]:
+    # Comparison's first cell (c.a) is study B's, its second (c.b) study A's: the difference is B - A.
     budget, protocol, schedule, encoder = c.a.key
     d = c.paired.difference if c.paired else None
     if d is not None and d.has_interval:
@@ -125,7 +126,7 @@ def _row(c: Comparison) -> list[Cell]:
             verdict += f" (~{needed} seeds)" if needed <= 1000 else " (>1000 seeds)"
     p = c.paired.p_value if c.paired else math.nan
     return [Cell(t) for t in (
-        budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), schedule, encoder, _side(c.b), _side(c.a),
+        budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), schedule or "—", encoder, _side(c.b), _side(c.a),
         f"{100 * d.mean:+.1f}" if d else "no shared seed", interval, str(c.n),
         f"{p:.2g}" if math.isfinite(p) else "—", f"{c.holm_p:.2g}" if math.isfinite(c.holm_p) else "—", verdict,
     )]
