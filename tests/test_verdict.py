@@ -149,6 +149,15 @@ def test_compare_two_studies_paired_by_seed(tmp_path, capsys):
     assert "| simclr |" in (tmp_path / "c.md").read_text()
 
 
+def test_compare_names_no_lr_schedule_for_a_protocol_without_one(tmp_path, capsys):
+    records = [{**r, "protocol": "linear", "lr_schedule": None} for r in _pair([0.8, 0.7, 0.9], [0.7, 0.6, 0.8])]
+    a = _write_study(tmp_path / "a", records)
+    b = _write_study(tmp_path / "b", records)
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "| 5% labels | linear probe | — | simclr |" in out and "None" not in out
+
+
 def test_compare_refuses_different_splits_or_subsets(tmp_path, capsys):
     a = _write_study(tmp_path / "a", _pair([0.8, 0.7], [0.7, 0.6]))
     b = _write_study(tmp_path / "b", _pair([0.8, 0.7], [0.7, 0.6]), split="path,label,group,split\na.png,0,p1,train\n")

@@ -26,6 +26,7 @@ from histossl.report.verdict import (
     budget_label,
     cells_of,
     one_seed_bootstrap,
+    schedule_label,
 )
 from histossl.stats import holm, paired_difference, seeds_needed, t_interval
 
@@ -126,7 +127,7 @@ def _row(c: Comparison) -> list[Cell]:
             verdict += f" (~{needed} seeds)" if needed <= 1000 else " (>1000 seeds)"
     p = c.paired.p_value if c.paired else math.nan
     return [Cell(t) for t in (
-        budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), schedule or "—", encoder, _side(c.b), _side(c.a),
+        budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), schedule_label(schedule), encoder, _side(c.b), _side(c.a),
         f"{100 * d.mean:+.1f}" if d else "no shared seed", interval, str(c.n),
         f"{p:.2g}" if math.isfinite(p) else "—", f"{c.holm_p:.2g}" if math.isfinite(c.holm_p) else "—", verdict,
     )]

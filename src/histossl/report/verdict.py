@@ -184,7 +184,7 @@ def compare(records: list[dict[str, Any]], predictions: PredictionsOf | None = N
     return [Comparison(c.kind, c.a, c.b, c.paired, c.bootstrap, p, n_tests) for c, p in zip(found, adjusted)]
 
 
-def _schedule(schedule: str) -> str:
+def schedule_label(schedule: str) -> str:
     return "—" if schedule == "None" else schedule  # a protocol without an lr schedule (linear, knn)
 
 
@@ -304,7 +304,7 @@ def cell_table(records: list[dict[str, Any]], predictions: PredictionsOf | None 
         i = t_interval(list(cell.values.values()))
         budget, protocol, schedule, encoder = cell.key
         rows.append([Cell(t) for t in (
-            budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), _schedule(schedule), encoder, str(i.n),
+            budget_label(budget), PROTOCOL_TITLES.get(protocol, protocol), schedule_label(schedule), encoder, str(i.n),
             f"{100 * i.mean:.2f}%", f"{100 * i.std:.2f}" if math.isfinite(i.std) else "—", _cell_interval(cell, predictions),
         )])
     header = ["labels", "protocol", "lr schedule", "encoder", "seeds", "mean", "std (points)", "95% interval"]
@@ -317,7 +317,7 @@ def comparison_table(comparisons: list[Comparison]) -> Table:
         d = c.paired.difference if c.paired else None
         needed = seeds_needed(d.std, d.mean) if d is not None and c.n >= 2 and not c.shown else None
         rows.append([Cell(t) for t in (
-            budget_label(c.a.key[0]), PROTOCOL_TITLES.get(c.a.key[1], c.a.key[1]), _schedule(c.a.key[2]),
+            budget_label(c.a.key[0]), PROTOCOL_TITLES.get(c.a.key[1], c.a.key[1]), schedule_label(c.a.key[2]),
             f"{c.a.encoder} − {c.b.encoder}", str(c.n),
             _points(d.mean) if d else "—",
             f"{_points(d.low)} to {_points(d.high)}" if d and d.has_interval else "—",
