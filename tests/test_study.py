@@ -296,6 +296,21 @@ def test_a_protocol_runs_at_its_own_budgets_and_the_baselines_at_fine_tunings(tm
     assert budgets[("simclr", "linear")] == {0.25, 0.5, 1.0}
 
 
+def test_an_encoder_evaluated_with_some_protocols_only(tmp_path):
+    from histossl.train import pretrain
+
+    cfg = tiny_config("downstream.protocols=[finetune, linear, knn]", "downstream.fractions=[1.0]",
+                      "encoders={simclr: {method: simclr}, rotnet: {method: rotnet, protocols: [linear, knn]}}")
+    encoders = {name: [pretrain.plan_stages(cfg, entry)[-1]] for name, entry in cfg.encoders.items()}
+    protocols = {}
+    for spec in study.run_specs(cfg, encoders, tmp_path):
+        protocols.setdefault(spec.encoder, set()).add(spec.protocol)
+    assert protocols == {"simclr": {"finetune", "linear", "knn"}, "rotnet": {"linear", "knn"}, "supervised": {"finetune"}}
+    # A protocol the study does not run is refused, naming the key.
+    with pytest.raises(config.ConfigError, match=r"encoders\.rotnet\.protocols"):
+        tiny_config("downstream.protocols=[finetune, linear]", "encoders={rotnet: {method: rotnet, protocols: [knn]}}")
+
+
 def test_min_steps_keeps_a_small_subset_training_and_spaces_its_validations():
     d = config.load(None, ["downstream.min_steps=300", "downstream.patience=5", "downstream.epochs=30"]).downstream
     # 5% of a set: 2 batches an epoch -> at least 150 epochs, validated every 15, room for 5 more validations.

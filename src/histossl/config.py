@@ -178,6 +178,9 @@ class EncoderConfig:
     # This encoder's method settings, over ``pretrain.methods.<method>`` (e.g. two DINO encoders that
     # differ in ``teacher_temp``); a key its method does not have is an error.
     settings: dict[str, Any] = field(default_factory=dict)
+    # The downstream protocols this encoder is evaluated with, among ``downstream.protocols``; empty: all
+    # of them. E.g. ``[frozen, linear, knn]`` for the encoders not worth minutes of fine-tuning a run.
+    protocols: list[str] = field(default_factory=list, metadata=added_later())
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,11 @@ def downstream_protocols(config: Config) -> list[str]:
     return list(config.downstream.protocols) or list(config.downstream.modes)
 
 
+def encoder_protocols(config: Config, entry: EncoderConfig) -> list[str]:
+    """The protocols ``entry`` is evaluated with: its own ``protocols``, all the study's otherwise."""
+    return [p for p in downstream_protocols(config) if not entry.protocols or p in entry.protocols]
+
+
 BASELINES = "supervised"  # the supervised baselines' key in ``downstream.budgets_of``
 
 
@@ -584,6 +592,8 @@ def validate(config: Config) -> None:
             need(len(enc.epochs) == len(stages), f"{key}.epochs",
                  f"one number per chain stage ({' > '.join(stages)}: {len(stages)}), got {enc.epochs}")
         need(name != "supervised" and not name.startswith("supervised"), key, "names starting with 'supervised' are the baselines'")
+        unknown = [p for p in enc.protocols if p not in downstream_protocols(config)]
+        need(not unknown, f"{key}.protocols", f"{unknown} not among the study's protocols ({', '.join(downstream_protocols(config))})")
     d = config.downstream
     need(len(d.fractions) + len(d.shots) >= 1, "downstream.fractions", "give at least one fraction (or downstream.shots)")
     for k in d.shots:

@@ -341,7 +341,7 @@ def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path)
     d = cfg.downstream
     specs = []
     for name, stages in encoders.items():
-        for protocol in config_mod.downstream_protocols(cfg):
+        for protocol in config_mod.encoder_protocols(cfg, cfg.encoders.get(name, config_mod.EncoderConfig())):
             schedules = d.lr_schedules if PROTOCOLS.get(protocol).uses_lr_schedule else [None]
             budgets = config_mod.protocol_budgets(cfg, protocol)
             for schedule, (fraction, shots), seed in itertools.product(schedules, budgets, d.seeds):
