@@ -37,7 +37,8 @@ def narrowed(raw: dict, record: dict) -> dict:
         cfg["pretrain"]["seeds"] = []  # no encoder to pretrain
         d["baselines"] = [record["init"]]
     else:
-        cfg["encoders"] = {record["encoder"]: raw["encoders"][record["encoder"]]}
+        entry = {k: v for k, v in raw["encoders"][record["encoder"]].items() if k != "protocols"}  # the run's protocol only, below
+        cfg["encoders"] = {record["encoder"]: entry}
         d["baselines"] = []
         cfg["pretrain"]["seeds"] = [record["pretrain_seed"]]  # downstream seed i runs on the i-th listed
     d["protocols"] = [record["protocol"]]

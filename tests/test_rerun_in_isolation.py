@@ -13,7 +13,7 @@ def test_runs_rerun_alone_reproduce_their_records_and_a_changed_record_is_caught
     monkeypatch.chdir(tmp_path)
     study = tmp_path / "study"
     with caplog.at_level("INFO", logger="histossl.study"):
-        assert main(study_args(study, "encoders={simclr: {method: simclr}}", "pretrain.seeds=[0, 1]", "downstream.seeds=[0, 1]",
+        assert main(study_args(study, "encoders={simclr: {method: simclr, protocols: [finetune, linear]}}", "pretrain.seeds=[0, 1]", "downstream.seeds=[0, 1]",
                                "downstream.fractions=[0.5]", "downstream.protocols=[finetune, linear]")) == 0
     assert "left at this pace" in caplog.text  # the study says how long its remaining runs should take
     names = ["simclr__finetune__cosine__f0.5__s1__p1", "downstream/simclr__linear__f0.5__s1__p1",
