@@ -80,9 +80,11 @@ def compare_studies(dir_a: Path, dir_b: Path, metric: str = METRIC) -> str:
 
     found = []
     for key in common:
-        b, a = cells_b[key], cells_a[key]
-        paired = paired_difference(b.values, a.values)
-        found.append(Comparison("B vs A", b, a, paired, one_seed_bootstrap(b, a, paired, reader(dir_b), reader(dir_a))))
+        cell_b, cell_a = cells_b[key], cells_a[key]
+        # A Comparison is its first cell minus its second: study B's cell first, for B - A.
+        paired = paired_difference(cell_b.values, cell_a.values)
+        bootstrap = one_seed_bootstrap(cell_b, cell_a, paired, reader(dir_b), reader(dir_a))
+        found.append(Comparison("B vs A", cell_b, cell_a, paired, bootstrap))
     adjusted = holm([c.paired.p_value if c.paired else math.nan for c in found])
     n_tests = sum(math.isfinite(p) for p in adjusted)
     found = [Comparison(c.kind, c.a, c.b, c.paired, c.bootstrap, p, n_tests) for c, p in zip(found, adjusted)]
