@@ -1,5 +1,6 @@
 """The EBHI-Seg study (configs/ebhi-cpu.yaml) and its tuning: the split keeps every case whole and is
-the committed one; the tuning studies never evaluated the test split."""
+the committed one; the committed study is the config's, its records the runs the config plans; the
+tuning studies never evaluated the test split."""
 
 import json
 from pathlib import Path
@@ -7,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histossl import config
+from histossl import config, study
 from histossl.data.sources import load_index
 from histossl.data.splits import make_split, save_split
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks"
+STUDY = DOCS / "ebhi" / "ebhi-cpu"
 # The study's and the methods benchmark's (every run of it: same config split, same data).
 COMMITTED_SPLITS = [DOCS / "ebhi" / "ebhi-cpu" / "split.csv", *sorted((DOCS / "methods-ebhi").glob("*/split.csv"))]
 
@@ -32,6 +34,18 @@ def test_the_study_split_keeps_cases_whole_and_is_the_committed_one(shared_data,
     assert committed  # the methods benchmark's runs at least
     for path in committed:  # the methods benchmark and the study use the same split
         assert path.read_text() == (tmp_path / "split.csv").read_text(), path
+
+
+@pytest.mark.skipif(not (STUDY / "results.jsonl").is_file(), reason="the EBHI study is not committed yet")
+def test_the_committed_study_is_the_configs_and_ran_its_plan():
+    cfg = config.load(REPO / "configs" / "ebhi-cpu.yaml")
+    assert config.load(STUDY / "config.yaml") == cfg  # the committed report is this config's
+    planned = {f"downstream/{s.name}" for s in study.run_specs(cfg, study.last_stages(study.plan_encoders(cfg)), STUDY)}
+    assert set(json.loads((STUDY / "plan.json").read_text())["runs"]) == planned
+    runs = [json.loads(line)["run"] for line in (STUDY / "results.jsonl").read_text().splitlines() if line.strip()]
+    assert len(runs) == len(set(runs)) and set(runs) <= planned  # no run twice, none the config does not plan
+    partial = set(runs) != planned
+    assert partial == ("**Partial:" in (STUDY / "report.md").read_text(encoding="utf-8"))  # a partial report says so first
 
 
 def tuning_folders() -> list[Path]:
