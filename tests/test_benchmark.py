@@ -41,3 +41,20 @@ def test_benchmark_command_line_prints_json_last(tiny_folder, tmp_path):
 @pytest.mark.parametrize("method", ["rotnet", "supervised", "dino", "moco_v2"])
 def test_benchmark_other_methods(tiny_folder, tmp_path, method):
     _check(load_benchmark("throughput").main(_args(tiny_folder, tmp_path, method)))
+
+
+def test_summary_table_gives_mean_std_auroc_per_cell_and_repeats_the_baseline():
+    summary = load_benchmark("summary_table")
+
+    def rec(encoder, protocol, acc, seed, fraction=0.05, shots=None):
+        return {"encoder": encoder, "protocol": protocol, "label_fraction": fraction, "shots": shots, "seed": seed,
+                "test_balanced_acc": acc, "test_auroc": 0.8}
+
+    records = [rec("simclr", "linear", a, s) for s, a in enumerate([0.40, 0.50, 0.60])]
+    records += [rec("supervised", "finetune", a, s) for s, a in enumerate([0.30, 0.30, 0.36])]
+    records += [rec("simclr", "knn", 0.25, 0, fraction=None, shots=5)]
+    lines = summary.table(records).splitlines()
+    assert lines[0] == "| labels | protocol | simclr | supervised |"
+    assert "| 5% | linear | 50.0 ± 10.0 (0.800) | 32.0 ± 3.5 (0.800) *e2e* |" in lines
+    assert "| 5 per class | kNN | 25.0 (0.800) (n=1) | — |" in lines
+    assert not any("| fine-tuned |" in line for line in lines)  # no encoder fine-tuned: no such row
