@@ -71,6 +71,17 @@ def test_one_step_is_finite_and_changes_the_weights(name):
 
 
 @pytest.mark.parametrize("name", METHODS.names())
+def test_a_step_under_bf16_autocast_draws_float32_views_and_a_finite_loss(name):
+    """What ``trainer.precision: bf16-mixed`` does on a CPU: the step inside autocast. The views are data,
+    made in float32 (RotNet+Jitter's per-copy jitter once failed here, mixing bf16 into a float batch)."""
+    torch.manual_seed(0)
+    method, _ = build(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(v.dtype == torch.float32 for v in method.draw_views(fixed_batch()))
+        assert math.isfinite(method.step(fixed_batch()).loss.float().item())
+
+
+@pytest.mark.parametrize("name", METHODS.names())
 def test_loss_falls_on_a_fixed_batch(name):
     torch.manual_seed(0)
     method, _ = build(name)

@@ -207,11 +207,12 @@ def apply_steps(
         steps: the steps, in order (``PIPELINE`` unless a test reorders them).
         inplace: ``x`` may be overwritten (the caller owns it).
     """
-    for step in steps:
-        params = step.draw(x, cfg, generator, UNIT)
-        if params is not None:
-            y = step.apply(x, params, inplace)
-            inplace, x = inplace or y is not x, y
+    with torch.autocast(x.device.type, enabled=False):  # pixels in x's precision, also inside a bf16-mixed training step
+        for step in steps:
+            params = step.draw(x, cfg, generator, UNIT)
+            if params is not None:
+                y = step.apply(x, params, inplace)
+                inplace, x = inplace or y is not x, y
     return x
 
 
