@@ -1,61 +1,63 @@
 """A study's results as one markdown table, the layout of the README's result tables: one row per
-protocol and label budget, one column per encoder, each cell the test balanced accuracy (%) mean ± std
-over seeds with the mean AUROC in brackets; the supervised baseline's fine-tuned cell is repeated on
-the rows of the other protocols (marked *e2e*, end to end). The same numbers are in the study's
-report.md, one table per metric.
+protocol (and lr schedule, where a study has several) and label budget, one column per encoder, each
+cell the test balanced accuracy (%) mean ± std over seeds with the mean AUROC in brackets; the
+supervised baseline's fine-tuned cell is repeated on the rows of the other protocols (marked *e2e*,
+end to end). The cells are the report's own (``histossl.report.verdict.cells_of``): the same numbers
+are in the study's report.md, one table per metric.
 
   python benchmarks/summary_table.py docs/benchmarks/ebhi/ebhi-cpu/results.jsonl
 """
 
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+from histossl.report.verdict import PROTOCOL_ORDER, StudyCell, cells_of
+from histossl.stats import t_interval
 
-PROTOCOLS = {"finetune": "fine-tuned", "frozen": "frozen", "linear": "linear", "knn": "kNN"}
+NAMES = {"finetune": "fine-tuned", "frozen": "frozen", "linear": "linear", "knn": "kNN"}
 SEEDS_EXPECTED = {3, 5}  # a cell with another number of seeds says n=
 
 
-def cell(values: list[tuple[float, float]], tag: str = "") -> str:
-    """``mean ± std (AUROC)`` of (balanced accuracy, AUROC) pairs, ``—`` for none."""
-    if not values:
+def cell(accuracy: StudyCell | None, auroc: StudyCell | None, tag: str = "") -> str:
+    """``mean ± std (AUROC)`` of a cell, ``—`` for none."""
+    if accuracy is None:
         return "—"
-    acc = np.array([v[0] for v in values]) * 100
-    text = f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}" if len(acc) > 1 else f"{acc.mean():.1f}"
-    count = "" if len(acc) in SEEDS_EXPECTED else f" (n={len(acc)})"
-    return f"{text} ({np.mean([v[1] for v in values]):.3f}){count}{tag}"
+    i = t_interval([100 * v for v in accuracy.values.values()])
+    text = f"{i.mean:.1f} ± {i.std:.1f}" if i.n > 1 else f"{i.mean:.1f}"
+    roc = f" ({t_interval(list(auroc.values.values())).mean:.3f})" if auroc else ""
+    count = "" if i.n in SEEDS_EXPECTED else f" (n={i.n})"
+    return f"{text}{roc}{count}{tag}"
+
+
+def label(budget: tuple[str, float]) -> str:
+    kind, value = budget
+    return f"{value:g} per class" if kind == "shots" else f"{100 * value:g}%"
 
 
 def table(records: list[dict]) -> str:
-    cells: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
-    encoders: list[str] = []
-    for r in records:
-        if r.get("test_balanced_acc") is None:
-            continue
-        encoders += [] if r["encoder"] in encoders else [r["encoder"]]
-        key = (r["protocol"], r.get("label_fraction"), r.get("shots"), r["encoder"])
-        cells[key].append((r["test_balanced_acc"], r["test_auroc"]))
-    baselines = [e for e in encoders if e.startswith("supervised")]
-    ssl = [e for e in encoders if e not in baselines]
-    budgets = sorted({(k[1] or 0, k[2] or 0) for k in cells}, key=lambda b: (b[0] == 0, b[0], b[1]))
-    lines = ["| labels | protocol | " + " | ".join(ssl + baselines) + " |", "|---|---|" + "---|" * len(ssl + baselines)]
-    for protocol, name in PROTOCOLS.items():
-        for fraction, shots in budgets:
-            row = [cell(cells.get((protocol, fraction or None, shots or None, e), [])) for e in ssl]
+    accuracy, auroc = cells_of(records, "test_balanced_acc"), cells_of(records, "test_auroc")
+    baselines = list(dict.fromkeys(c.encoder for c in accuracy.values() if c.supervised))
+    encoders = [e for e in dict.fromkeys(c.encoder for c in accuracy.values()) if e not in baselines]
+    budgets = sorted({k[0] for k in accuracy}, key=lambda b: (b[0] == "shots", b[1]))  # fractions, then shots
+    schedules = {k[2] for k in accuracy if k[2] != "None"}
+    rows = sorted({k[1:3] for k in accuracy if k[3] in encoders}, key=lambda p: ((PROTOCOL_ORDER + (p[0],)).index(p[0]), p[1] != "cosine", p[1]))
+    baseline_schedule = "cosine" if "cosine" in schedules or not schedules else min(schedules)  # for the rows without one
+    lines = ["| labels | protocol | " + " | ".join(encoders + baselines) + " |", "|---|---|" + "---|" * len(encoders + baselines)]
+    for protocol, schedule in rows:
+        name = NAMES.get(protocol, protocol) + (f" ({schedule})" if len(schedules) > 1 and schedule != "None" else "")
+        for budget in budgets:
+            row = [cell(accuracy.get(k), auroc.get(k)) for k in ((budget, protocol, schedule, e) for e in encoders)]
             if all(c == "—" for c in row):
                 continue
             tag = "" if protocol == "finetune" else " *e2e*"
-            row += [cell(cells.get(("finetune", fraction or None, shots or None, e), []), tag) for e in baselines]
-            label = f"{fraction * 100:g}%" if fraction else f"{shots} per class"
-            lines.append(f"| {label} | {name} | " + " | ".join(row) + " |")
+            row += [cell(accuracy.get(k), auroc.get(k), tag) for k in ((budget, "finetune", schedule if schedule != "None" else baseline_schedule, e) for e in baselines)]
+            lines.append(f"| {label(budget)} | {name} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0])
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in Path(argv[0]).read_text().splitlines() if line.strip()]
     print(table(records), end="")
     return 0
 

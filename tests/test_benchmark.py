@@ -47,8 +47,9 @@ def test_summary_table_gives_mean_std_auroc_per_cell_and_repeats_the_baseline():
     summary = load_benchmark("summary_table")
 
     def rec(encoder, protocol, acc, seed, fraction=0.05, shots=None):
-        return {"encoder": encoder, "protocol": protocol, "label_fraction": fraction, "shots": shots, "seed": seed,
-                "test_balanced_acc": acc, "test_auroc": 0.8}
+        return {"encoder": encoder, "method": "supervised" if encoder == "supervised" else "simclr", "protocol": protocol,
+                "lr_schedule": "cosine" if protocol == "finetune" else None, "label_fraction": fraction, "shots": shots,
+                "seed": seed, "test_balanced_acc": acc, "test_auroc": 0.8}
 
     records = [rec("simclr", "linear", a, s) for s, a in enumerate([0.40, 0.50, 0.60])]
     records += [rec("supervised", "finetune", a, s) for s, a in enumerate([0.30, 0.30, 0.36])]
