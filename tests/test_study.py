@@ -259,7 +259,7 @@ def test_each_run_saves_its_test_predictions_with_groups(finished_study):
         assert balanced_accuracy_score(found.labels, found.preds) == pytest.approx(r["test_balanced_acc"])
 
 
-def test_runs_on_stored_features_come_first_then_fine_tuning_seed_by_seed(tmp_path):
+def test_runs_go_seed_by_seed_stored_features_first_within_a_seed(tmp_path):
     from histossl.train import pretrain
 
     cfg = tiny_config("downstream.protocols=[finetune, linear]", "downstream.seeds=[3, 1]")
@@ -267,12 +267,25 @@ def test_runs_on_stored_features_come_first_then_fine_tuning_seed_by_seed(tmp_pa
     planned = study.run_specs(cfg, encoders, tmp_path)
     ordered = study.in_run_order(cfg, planned)
     assert sorted(s.name for s in ordered) == sorted(s.name for s in planned)
-    kinds = [(s.protocol, s.seed) for s in ordered]
-    n_linear = sum(p == "linear" for p, _ in kinds)
-    assert {p for p, _ in kinds[:n_linear]} == {"linear"}
-    finetune = [(s.seed, s.encoder) for s in ordered[n_linear:]]
-    assert [seed for seed, _ in finetune] == sorted((seed for seed, _ in finetune), key=[3, 1].index)  # seed 3 whole, then 1
-    assert {e for seed, e in finetune if seed == 3} == {"rotnet", "simclr", "supervised"}
+    assert [s.seed for s in ordered] == sorted((s.seed for s in ordered), key=[3, 1].index)  # seed 3 whole, then 1
+    for seed in (3, 1):
+        kinds = [s.protocol for s in ordered if s.seed == seed]
+        assert kinds == sorted(kinds, key=["linear", "finetune"].index)
+        assert {s.encoder for s in ordered if s.seed == seed and s.protocol == "finetune"} == {"rotnet", "simclr", "supervised"}
+
+
+def test_a_study_pretrains_each_seeds_encoders_just_before_that_seeds_runs(tmp_path, monkeypatch):
+    from histossl.train import pretrain
+
+    cfg = tiny_config("downstream.protocols=[linear]", "downstream.seeds=[3, 1]", "pretrain.seeds=[3, 1]")
+    specs = study.run_specs(cfg, study.last_stages(study.plan_encoders(cfg)), tmp_path)
+    calls = []
+    monkeypatch.setattr(study, "pretrain_all", lambda cfg, out, needed: calls.append(("pretrain", needed)))
+    monkeypatch.setattr(study, "run_downstream", lambda cfg, out, specs, seed: calls.append(("run", seed)))
+    study.pretrain_and_run(cfg, tmp_path, specs)
+    folders = {seed: {Path(s.pretrain_dir).name for s in specs if s.seed == seed and s.pretrain_dir} for seed in (3, 1)}
+    assert folders[3].isdisjoint(folders[1]) and len(folders[3]) == len(cfg.encoders)
+    assert calls == [("pretrain", folders[3]), ("run", 3), ("pretrain", folders[1]), ("run", 1)]
 
 
 def test_a_protocol_runs_at_its_own_budgets_and_the_baselines_at_fine_tunings(tmp_path):

@@ -391,16 +391,26 @@ def run_specs(cfg: Config, encoders: dict[str, list[pretrain.Stage]], out: Path)
 
 
 def in_run_order(cfg: Config, specs: list[downstream.RunSpec]) -> list[downstream.RunSpec]:
-    """Runs on stored features first (seconds each), then the fine-tuning runs seed by seed, every
-    encoder and the baselines at each seed: a study stopped part-way has whole paired seeds to report."""
+    """Seed by seed, every encoder and the baselines at each seed; within a seed the runs on stored
+    features first (seconds each), then the fine-tuning runs: a study stopped part-way has whole
+    paired seeds to report."""
     from histossl.protocols import PROTOCOLS
 
     seeds = {seed: i for i, seed in enumerate(cfg.downstream.seeds)}
-    return sorted(specs, key=lambda s: (PROTOCOLS.get(s.protocol).trains_encoder, seeds.get(s.seed, 0)))
+    return sorted(specs, key=lambda s: (seeds.get(s.seed, 0), PROTOCOLS.get(s.protocol).trains_encoder))
 
 
-def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> int:
-    """Run every spec not yet in results.jsonl; returns how many ran now.
+def pretrain_and_run(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> None:
+    """Seed by seed: the encoders that seed's unrecorded runs read, then those runs. A study stopped
+    part-way has whole seeds, and a restored one (``benchmarks/publish_report.py --restore``) keeps
+    only the encoders of one seed at a time to retrain before its runs resume."""
+    for seed in cfg.downstream.seeds:
+        pretrain_all(cfg, out, needed=unrecorded_encoders([s for s in specs if s.seed == seed], out))
+        run_downstream(cfg, out, specs, seed)
+
+
+def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec], seed: int | None = None) -> int:
+    """Run every spec (of ``seed``, where given) not yet in results.jsonl; returns how many ran now.
 
     Protocols that read a frozen encoder get its features from the feature store (``OUT/features``),
     computed once per encoder file and reused by every such run.
@@ -410,31 +420,37 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec]) -> i
     target = load_dataset(cfg, cfg.target, out)
     data, subsets = target_data(cfg, target, out)
     done = records.finished_runs(out / RESULTS, repair=ranks.is_owner())
-    todo = in_run_order(cfg, [s for s in specs if f"downstream/{s.name}" not in done])
+    left_over = in_run_order(cfg, [s for s in specs if f"downstream/{s.name}" not in done])
+    todo = [s for s in left_over if seed is None or s.seed == seed]
     if not ranks.is_owner():  # join rank 0's multi-process fits; runs on cached features are single-process, its own
         for spec in (s for s in todo if PROTOCOLS.get(s.protocol).trains_encoder):
             downstream.run(cfg, spec, data, subsets[spec.seed][spec.budget], out / "downstream" / spec.name)
         return 0
     # The report says how many of these are recorded: a study stopped part-way is reported as partial.
     atomic_write_json(out / PLAN, {"runs": [f"downstream/{s.name}" for s in specs]})
-    log.info("downstream: %d runs, %d already recorded, %d to run", len(specs), len(specs) - len(todo), len(todo))
+    if not todo:
+        return 0
+    log.info("downstream%s: %d runs, %d already recorded, %d to run now", "" if seed is None else f" seed {seed}",
+             len(specs), len(specs) - len(left_over), len(todo))
     timing = pace.Pace()
     for r in records.read_dicts(out)[0]:  # a resumed study times its remaining runs by the recorded ones
         if r["protocol"] in PROTOCOLS:
             timing.add(PROTOCOLS.get(r["protocol"]).trains_encoder, (r.get("label_fraction"), r.get("shots")), r.get("wall_s"))
+    recorded = len(specs) - len(left_over)
     for i, spec in enumerate(todo, 1):
         record = run_one(cfg, out, spec, data, subsets[spec.seed][spec.budget])
         records.append(out / RESULTS, record)
         timing.add(PROTOCOLS.get(spec.protocol).trains_encoder, (spec.label_fraction, spec.shots), record.wall_s)
         if record.status == "diverged":
-            log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", i, len(todo), spec.name, record.diverged)
+            log.warning("[%d/%d] %s: diverged (%s); recorded, the study goes on", recorded + i, len(specs), spec.name, record.diverged)
             continue
         split = "test" if cfg.downstream.test else "val"
-        left = timing.left([(PROTOCOLS.get(s.protocol).trains_encoder, (s.label_fraction, s.shots)) for s in todo[i:]])
+        # the time left counts every unrecorded run, of later seeds too (not their pretraining)
+        left = timing.left([(PROTOCOLS.get(s.protocol).trains_encoder, (s.label_fraction, s.shots)) for s in left_over[left_over.index(spec) + 1:]])
         log.info(
             "[%d/%d] %s: %s acc %.2f%%, balanced acc %.2f%% (%.0f s)%s",
-            i, len(todo), spec.name, split, 100 * getattr(record, f"{split}_acc"), 100 * getattr(record, f"{split}_balanced_acc"),
-            record.wall_s, f"; about {pace.duration(left)} left at this pace" if left and i < len(todo) else "",
+            recorded + i, len(specs), spec.name, split, 100 * getattr(record, f"{split}_acc"), 100 * getattr(record, f"{split}_balanced_acc"),
+            record.wall_s, f"; about {pace.duration(left)} left at this pace" if left else "",
         )
     return len(todo)
 
@@ -490,9 +506,7 @@ def join_study(cfg: Config, out: Path, downstream_runs: bool = True, evaluate: l
         run_downstream(cfg, out, evaluate)
     else:
         if downstream_runs:
-            specs = run_specs(cfg, last_stages(plan_encoders(cfg)), out)
-            pretrain_all(cfg, out, needed=unrecorded_encoders(specs, out))
-            run_downstream(cfg, out, specs)
+            pretrain_and_run(cfg, out, run_specs(cfg, last_stages(plan_encoders(cfg)), out))
         else:
             pretrain_all(cfg, out)
     return out / RESULTS
@@ -511,9 +525,7 @@ def run_study(cfg: Config, out: Path) -> Path:
             write_config(cfg, out)
             ranks.wait_for_owner(_backend(cfg))  # torchrun: the other ranks start now
             target_data(cfg, load_dataset(cfg, cfg.target, out), out)  # bad budgets fail now, not after pretraining
-            specs = run_specs(cfg, last_stages(plan_encoders(cfg)), out)
-            pretrain_all(cfg, out, needed=unrecorded_encoders(specs, out))
-            run_downstream(cfg, out, specs)
+            pretrain_and_run(cfg, out, run_specs(cfg, last_stages(plan_encoders(cfg)), out))
         if not cfg.downstream.test:
             log.info("tuning study (downstream.test: false): no report; compare the val_* fields of %s", out / RESULTS)
             return out / RESULTS
