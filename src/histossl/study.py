@@ -428,8 +428,8 @@ def run_downstream(cfg: Config, out: Path, specs: list[downstream.RunSpec], seed
         return 0
     # The report says how many of these are recorded: a study stopped part-way is reported as partial.
     atomic_write_json(out / PLAN, {"runs": [f"downstream/{s.name}" for s in specs]})
-    if not todo:
-        return 0
+    if not todo and (left_over or seed not in (None, cfg.downstream.seeds[-1])):
+        return 0  # nothing of this seed to run: said once, at the last seed, when nothing is left at all
     log.info("downstream%s: %d runs, %d already recorded, %d to run now", "" if seed is None else f" seed {seed}",
              len(specs), len(specs) - len(left_over), len(todo))
     timing = pace.Pace()
