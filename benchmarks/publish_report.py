@@ -28,12 +28,17 @@ STAGE_FILES = ("stage.json", "metrics.csv")
 
 
 def copy_stages(src: Path, dest: Path) -> None:
-    """``pretrain/<stage>/stage.json`` and ``metrics.csv`` of every stage of ``src``, into ``dest``."""
-    for stage in sorted((src / "pretrain").glob("*/stage.json")):
-        (dest / "pretrain" / stage.parent.name).mkdir(parents=True, exist_ok=True)
+    """``pretrain/<stage>/stage.json`` and ``metrics.csv`` of every stage of ``src``, into ``dest``. A stage
+    being trained again after a restore, stopped before it ended, has only its first training's files
+    (``stage.first.json``, ``metrics.first.csv``): those are published, so the next restore still has them."""
+    described = {p.parent for name in ("stage.json", "stage.first.json") for p in (src / "pretrain").glob(f"*/{name}")}
+    for folder in sorted(described):
+        finished = (folder / "stage.json").is_file()
+        (dest / "pretrain" / folder.name).mkdir(parents=True, exist_ok=True)
         for name in STAGE_FILES:
-            if (stage.parent / name).is_file():
-                shutil.copy(stage.parent / name, dest / "pretrain" / stage.parent.name / name)
+            source = folder / (name if finished else name.replace(".", ".first.", 1))
+            if source.is_file():
+                shutil.copy(source, dest / "pretrain" / folder.name / name)
 
 
 def publish(src: Path, dest: Path) -> None:

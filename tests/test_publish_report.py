@@ -1,4 +1,5 @@
-"""benchmarks/publish_report.py: a report.html over the size limit stays out of docs/, and report.md says where it is."""
+"""benchmarks/publish_report.py: a report.html over the size limit stays out of docs/, and report.md says where it is;
+a stage stopped while trained again after a restore keeps its first training's description and curve."""
 
 from conftest import load_benchmark
 
@@ -29,3 +30,17 @@ def test_a_tuning_study_without_a_report_is_published_with_its_records(tmp_path)
     publish.publish(src, tmp_path / "docs")
     assert not (tmp_path / "docs" / "report.md").exists()
     assert {p.name for p in (tmp_path / "docs").rglob("*") if p.is_file()} == {"results.jsonl", "config.yaml", "stage.json"}
+
+
+def test_a_stage_stopped_while_trained_again_is_published_with_its_first_training(tmp_path):
+    publish = load_benchmark("publish_report")
+    stage = tmp_path / "study" / "pretrain" / "barlow_twins_ebhi_1_seed4"
+    stage.mkdir(parents=True)
+    (stage / "stage.first.json").write_text('{"epochs": 16}')
+    (stage / "metrics.first.csv").write_text("epoch,pretext_loss\n0,9.5\n15,1.2\n")
+    (stage / "metrics.csv").write_text("epoch,pretext_loss\n0,9.5\n")  # the retraining, stopped at its first epoch
+    (tmp_path / "study" / "results.jsonl").write_text("{}\n")
+    publish.publish(tmp_path / "study", tmp_path / "docs")
+    published = tmp_path / "docs" / "pretrain" / stage.name
+    assert (published / "stage.json").read_text() == '{"epochs": 16}'
+    assert (published / "metrics.csv").read_text() == (stage / "metrics.first.csv").read_text()
