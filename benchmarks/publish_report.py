@@ -20,6 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from histossl.report.records import described_by
+
 HTML_LIMIT = 1 << 20  # bytes
 KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "invocations.jsonl", "plan.json",
         "methods.md", "calibration.json", "methods-study.yaml")  # the last three: benchmarks/methods.py
@@ -28,15 +30,12 @@ STAGE_FILES = ("stage.json", "metrics.csv")
 
 
 def copy_stages(src: Path, dest: Path) -> None:
-    """``pretrain/<stage>/stage.json`` and ``metrics.csv`` of every stage of ``src``, into ``dest``. A stage
-    being trained again after a restore, stopped before it ended, has only its first training's files
-    (``stage.first.json``, ``metrics.first.csv``): those are published, so the next restore still has them."""
-    described = {p.parent for name in ("stage.json", "stage.first.json") for p in (src / "pretrain").glob(f"*/{name}")}
-    for folder in sorted(described):
-        finished = (folder / "stage.json").is_file()
+    """``pretrain/<stage>/stage.json`` and ``metrics.csv`` of every stage of ``src``, into ``dest``; of a
+    stage stopped while trained again after a restore, its first training's (``pretrain.described_by``),
+    so the next restore still has them."""
+    for folder in sorted({p.parent for name in ("stage.json", "stage.first.json") for p in (src / "pretrain").glob(f"*/{name}")}):
         (dest / "pretrain" / folder.name).mkdir(parents=True, exist_ok=True)
-        for name in STAGE_FILES:
-            source = folder / (name if finished else name.replace(".", ".first.", 1))
+        for source, name in zip(described_by(folder), STAGE_FILES):
             if source.is_file():
                 shutil.copy(source, dest / "pretrain" / folder.name / name)
 

@@ -82,3 +82,13 @@ def test_runs_on_stages_missing_from_a_partly_restored_folder_are_flagged_once()
     # A folder with no stage at all (a copy published before stages were) says so in its header instead.
     assert not [f for f in find_flags(records, []) if f.kind == "undescribed"]
     assert not [f for f in find_flags(records[:1], [described]) if f.kind == "undescribed"]
+
+
+def test_a_stage_stopped_while_trained_again_is_reported_from_its_first_training(tmp_path):
+    folder = tmp_path / "pretrain" / "barlow_twins_ebhi_1_seed4"
+    folder.mkdir(parents=True)
+    (folder / "stage.first.json").write_text('{"method": "barlow_twins", "epochs": 16}')
+    (folder / "metrics.first.csv").write_text("epoch,pretext_loss\n0,9.5\n15,1.2\n")
+    (folder / "metrics.csv").write_text("epoch,pretext_loss\n0,9.5\n")  # the retraining, stopped after one epoch
+    (stage,) = load_stages(tmp_path)
+    assert stage.info == {"method": "barlow_twins", "epochs": 16} and stage.pretext_loss == [9.5, 1.2]

@@ -113,6 +113,15 @@ def read_metrics_csv(path: Path) -> dict[str, list[float | None]]:
     return columns
 
 
+def described_by(folder: Path) -> tuple[Path, Path]:
+    """A stage's description and curve: ``stage.json`` and ``metrics.csv``; while a stage restored from its
+    published copy is trained again (stopped before it ended), its first training's, kept aside by
+    ``train.pretrain.keep_first_training``: they made the encoder its recorded runs read."""
+    if not (folder / "stage.json").is_file() and (folder / "stage.first.json").is_file():
+        return folder / "stage.first.json", folder / "metrics.first.csv"
+    return folder / "stage.json", folder / "metrics.csv"
+
+
 def load_stages(out_dir: Path) -> list[Stage]:
     """Every pretraining stage under ``OUT/pretrain`` that has a ``metrics.csv``, sorted by folder name."""
     root = Path(out_dir) / "pretrain"
@@ -120,12 +129,11 @@ def load_stages(out_dir: Path) -> list[Stage]:
     if not root.is_dir():
         return stages
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        metrics_path = folder / "metrics.csv"
+        stage_json, metrics_path = described_by(folder)
         if not metrics_path.is_file():
             log.info("%s: no metrics.csv yet (still running?); skipped", folder)
             continue
         info: dict[str, Any] = {}
-        stage_json = folder / "stage.json"
         if stage_json.is_file():
             try:
                 loaded = json.loads(stage_json.read_text(encoding="utf-8"))
