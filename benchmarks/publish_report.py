@@ -1,5 +1,5 @@
 """Copy a study's report into docs/: report.md, report.html, results.jsonl, config.yaml, split.csv,
-invocations.jsonl, plan.json (the runs planned: a partial study says so), the methods benchmark's
+subsets.json (the labelled images of each seed and budget), invocations.jsonl, plan.json (the runs planned: a partial study says so), the methods benchmark's
 files where present (methods.md, calibration.json, methods-study.yaml), each pretraining stage's description and curves (``pretrain/<stage>/stage.json``
 and ``metrics.csv``; not its weights) and the accuracy-against-fraction figure. The other figures stay embedded in the
 self-contained report.html; report.md points there instead of to PNG files (fewer binary files in git).
@@ -23,9 +23,10 @@ from pathlib import Path
 from histossl.report.records import described_by
 
 HTML_LIMIT = 1 << 20  # bytes
-KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "invocations.jsonl", "plan.json",
+KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "subsets.json", "invocations.jsonl", "plan.json",
         "methods.md", "calibration.json", "methods-study.yaml")  # the last three: benchmarks/methods.py
-RESTORE = tuple(name for name in KEEP if name not in ("report.html", "methods.md"))
+# A study writes its subsets.json anew from the split and its seeds: not restored.
+RESTORE = tuple(name for name in KEEP if name not in ("report.html", "methods.md", "subsets.json"))
 STAGE_FILES = ("stage.json", "metrics.csv")
 
 

@@ -1,6 +1,7 @@
 """The EBHI-Seg study (configs/ebhi-cpu.yaml) and its tuning: the split keeps every case whole and is
-the committed one; the committed study is the config's, its records the runs the config plans; the
-tuning studies never evaluated the test split."""
+the committed one; the committed study is the config's, its records the runs the config plans, its
+labelled subsets training images of the sizes the records name; the tuning studies never evaluated
+the test split."""
 
 import json
 from pathlib import Path
@@ -46,6 +47,19 @@ def test_the_committed_study_is_the_configs_and_ran_its_plan():
     assert len(runs) == len(set(runs)) and set(runs) <= planned  # no run twice, none the config does not plan
     partial = set(runs) != planned
     assert partial == ("**Partial:" in (STUDY / "report.md").read_text(encoding="utf-8"))  # a partial report says so first
+
+
+@pytest.mark.skipif(not (STUDY / "subsets.json").is_file(), reason="the EBHI study's subsets are not committed yet")
+def test_the_committed_labelled_subsets_are_training_images_and_the_records_sizes():
+    train = {row.split(",")[0] for row in (STUDY / "split.csv").read_text().splitlines()[1:] if row.endswith(",train")}
+    subsets = json.loads((STUDY / "subsets.json").read_text())
+    for seed, by_budget in subsets.items():
+        for budget, subset in by_budget.items():
+            assert set(subset["paths"]) <= train and len(set(subset["paths"])) == subset["n"], (seed, budget)
+    for line in (STUDY / "results.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        budget = f"{record['shots']}-shot" if record.get("shots") else str(record["label_fraction"])
+        assert record["n_labeled"] == subsets[str(record["seed"])][budget]["n"], record["run"]
 
 
 def tuning_folders() -> list[Path]:

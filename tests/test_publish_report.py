@@ -27,9 +27,12 @@ def test_a_tuning_study_without_a_report_is_published_with_its_records(tmp_path)
     (src / "pretrain" / "simclr_ebhi_1" / "stage.json").write_text("{}")
     (src / "results.jsonl").write_text("{}\n")
     (src / "config.yaml").write_text("name: t\n")
+    (src / "subsets.json").write_text("{}")
     publish.publish(src, tmp_path / "docs")
     assert not (tmp_path / "docs" / "report.md").exists()
-    assert {p.name for p in (tmp_path / "docs").rglob("*") if p.is_file()} == {"results.jsonl", "config.yaml", "stage.json"}
+    assert {p.name for p in (tmp_path / "docs").rglob("*") if p.is_file()} == {"results.jsonl", "config.yaml", "subsets.json", "stage.json"}
+    publish.restore(tmp_path / "docs", tmp_path / "restored")  # a study writes its subsets anew
+    assert {p.name for p in (tmp_path / "restored").rglob("*") if p.is_file()} == {"results.jsonl", "config.yaml", "stage.json"}
 
 
 def test_a_stage_stopped_while_trained_again_is_published_with_its_first_training(tmp_path):
