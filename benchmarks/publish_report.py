@@ -20,21 +20,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from histossl.report.records import described_by
+from histossl.report.records import FIRST_TRAINING, STAGE_FILES, described_by
 
 HTML_LIMIT = 1 << 20  # bytes
 KEEP = ("report.html", "results.jsonl", "config.yaml", "split.csv", "subsets.json", "invocations.jsonl", "plan.json",
         "methods.md", "calibration.json", "methods-study.yaml")  # the last three: benchmarks/methods.py
 # A study writes its subsets.json anew from the split and its seeds: not restored.
 RESTORE = tuple(name for name in KEEP if name not in ("report.html", "methods.md", "subsets.json"))
-STAGE_FILES = ("stage.json", "metrics.csv")
 
 
 def copy_stages(src: Path, dest: Path) -> None:
     """``pretrain/<stage>/stage.json`` and ``metrics.csv`` of every stage of ``src``, into ``dest``; of a
-    stage stopped while trained again after a restore, its first training's (``pretrain.described_by``),
+    stage stopped while trained again after a restore, its first training's (``report.records.described_by``),
     so the next restore still has them."""
-    for folder in sorted({p.parent for name in ("stage.json", "stage.first.json") for p in (src / "pretrain").glob(f"*/{name}")}):
+    described = (STAGE_FILES[0], FIRST_TRAINING[0])
+    for folder in sorted({p.parent for name in described for p in (src / "pretrain").glob(f"*/{name}")}):
         (dest / "pretrain" / folder.name).mkdir(parents=True, exist_ok=True)
         for source, name in zip(described_by(folder), STAGE_FILES):
             if source.is_file():

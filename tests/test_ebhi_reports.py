@@ -3,6 +3,7 @@ the committed one; the committed study is the config's, its records the runs the
 labelled subsets training images of the sizes the records name; the tuning studies never evaluated
 the test split."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def test_the_committed_study_is_the_configs_and_ran_its_plan():
 
 @pytest.mark.skipif(not (STUDY / "subsets.json").is_file(), reason="the EBHI study's subsets are not committed yet")
 def test_the_committed_labelled_subsets_are_training_images_and_the_records_sizes():
-    train = {row.split(",")[0] for row in (STUDY / "split.csv").read_text().splitlines()[1:] if row.endswith(",train")}
+    with open(STUDY / "split.csv", newline="") as f:
+        train = {row["path"] for row in csv.DictReader(f) if row["split"] == "train"}
     subsets = json.loads((STUDY / "subsets.json").read_text())
     for seed, by_budget in subsets.items():
         for budget, subset in by_budget.items():

@@ -113,13 +113,17 @@ def read_metrics_csv(path: Path) -> dict[str, list[float | None]]:
     return columns
 
 
-def described_by(folder: Path) -> tuple[Path, Path]:
-    """A stage's description and curve: ``stage.json`` and ``metrics.csv``; while a stage restored from its
-    published copy is trained again (stopped before it ended), its first training's, kept aside by
-    ``train.pretrain.keep_first_training``: they made the encoder its recorded runs read."""
-    if not (folder / "stage.json").is_file() and (folder / "stage.first.json").is_file():
-        return folder / "stage.first.json", folder / "metrics.first.csv"
-    return folder / "stage.json", folder / "metrics.csv"
+STAGE_FILES = ("stage.json", "metrics.csv")  # a pretraining stage's description and curve
+# The same of its first training, kept aside by ``train.pretrain.keep_first_training`` while a stage restored
+# from its published copy is trained again.
+FIRST_TRAINING = ("stage.first.json", "metrics.first.csv")
+
+
+def described_by(folder: Path) -> tuple[Path, ...]:
+    """A stage's ``STAGE_FILES``; while a stage restored from its published copy is trained again (stopped
+    before it ended), its ``FIRST_TRAINING``: they made the encoder its recorded runs read."""
+    retraining = not (folder / STAGE_FILES[0]).is_file() and (folder / FIRST_TRAINING[0]).is_file()
+    return tuple(folder / name for name in (FIRST_TRAINING if retraining else STAGE_FILES))
 
 
 def load_stages(out_dir: Path) -> list[Stage]:

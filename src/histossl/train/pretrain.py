@@ -278,7 +278,8 @@ def run_stage(
     return encoder_path
 
 
-FIRST_TRAINING = ("stage.json", "metrics.csv")  # kept as stage.first.json, metrics.first.csv
+# Kept as stage.first.json, metrics.first.csv (report.records.FIRST_TRAINING, read by its described_by).
+FIRST_TRAINING = ("stage.json", "metrics.csv")
 
 
 def keep_first_training(folder: Path) -> None:
